@@ -1,0 +1,123 @@
+"""Public entry points: :func:`psa_attention` and the inspectable :func:`psa_plan`."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import estimate, levels as levels_mod, pyramid
+from .config import PSAConfig
+from .layout import arrange, restore, sequence_permutation
+
+BACKENDS = ("auto", "torch", "triton")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass
+class PSAStats:
+    """What one call did. Density = sum over block pairs of 1/p (p > 0) / number of pairs."""
+    density: float                    # mean over batch, heads and query blocks
+    density_per_head: torch.Tensor    # [H], mean over batch
+    level_counts: dict                # level -> number of (query block, key block) pairs
+
+
+@dataclass
+class PSAPlan:
+    """Everything decided before the attention itself; inspectable for tests and debugging."""
+    perm: torch.Tensor | None         # arranged = x[..., perm, :] (None: identity)
+    inv: torch.Tensor | None
+    scores: torch.Tensor              # [B, H, nqb, nkb] estimated block importance
+    levels: torch.Tensor              # [B, H, nqb, nkb] int8 final levels
+    video_len: int                    # video tokens, first in the arranged order
+    backend: str
+
+    def stats(self) -> PSAStats:
+        dens = levels_mod.density(self.levels)  # [B, H]
+        counts = torch.bincount(self.levels.flatten().long(), minlength=9)
+        return PSAStats(density=float(dens.mean()), density_per_head=dens.mean(0).cpu(),
+                        level_counts={lvl: int(counts[lvl]) for lvl in (1, 2, 4, 8, 0)})
+
+
+def _check_inputs(q, k, v, grid, text_len) -> tuple[int, int, int]:
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must all be [B, H, L, D] of one shape; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if len(grid) != 3 or any(int(g) < 1 for g in grid):
+        raise ValueError(f"grid must be (T, H, W) of positive ints; got {grid!r}")
+    T, Hh, W = (int(g) for g in grid)
+    if text_len < 0 or q.shape[2] != T * Hh * W + text_len:
+        raise ValueError(f"sequence length {q.shape[2]} != T*H*W + text_len = {T}*{Hh}*{W} + {text_len}")
+    return T, Hh, W
+
+
+def _pick_backend(q: torch.Tensor, backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    D = q.shape[-1]
+    ok = q.is_cuda and q.dtype in _TRITON_DTYPES and D >= 16 and D <= 256 and D & (D - 1) == 0
+    return "triton" if ok else "torch"
+
+
+def psa_plan(q: torch.Tensor, k: torch.Tensor, cfg: PSAConfig, grid, text_len: int = 0,
+             text_first: bool = False, backend: str = "auto", v: torch.Tensor | None = None) -> PSAPlan:
+    """Layout, block estimate, level assignment and similarity guard, without the attention."""
+    v = k if v is None else v
+    _check_inputs(q, k, v, grid, text_len)
+    backend = _pick_backend(q, backend)
+    m, n = cfg.block_size.m, cfg.block_size.n
+    L = q.shape[2]
+    video_len = L - text_len
+    perm, inv = sequence_permutation(tuple(int(g) for g in grid), text_len, text_first,
+                                     cfg.rearrange_method, tuple(cfg.tile_size), cfg.use_rearrange, q.device)
+    qa, ka = arrange(q, perm), arrange(k, perm)
+    est = estimate.estimate_triton if backend == "triton" else estimate.estimate_reference
+    scores = est(qa, ka, m, n)
+    text_q = text_k = None
+    if text_len:
+        nqb, nkb = scores.shape[-2:]
+        text_q = torch.arange(nqb, device=q.device) * m + m > video_len
+        text_k = torch.arange(nkb, device=q.device) * n + n > video_len
+    lv = levels_mod.assign_levels(scores, cfg, text_q, text_k)
+    if cfg.use_sim_mask:
+        sim = levels_mod.key_similarity(ka, n, L)
+        lv = levels_mod.apply_similarity_guard(lv, sim, cfg)
+    return PSAPlan(perm, inv, scores, lv, video_len, backend)
+
+
+def psa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PSAConfig, grid,
+                  text_len: int = 0, text_first: bool = False, return_stats: bool = False,
+                  backend: str = "auto", plan: PSAPlan | None = None):
+    """Pyramid Sparse Attention.
+
+    q, k, v: [B, H, L, D] with L = T*H*W + text_len; the text tokens sit before the video
+    tokens when ``text_first`` and after them otherwise, and always get full attention.
+    Returns the output in the caller's token order, same dtype and shape, and with
+    ``return_stats`` also a :class:`PSAStats`. ``type: dense`` presets compute exact
+    attention. ``backend``: "auto" (Triton on CUDA, torch elsewhere), "torch", "triton".
+    ``plan`` reuses a :func:`psa_plan` result for these inputs.
+    """
+    _check_inputs(q, k, v, grid, text_len)
+    if cfg.is_dense:
+        out = F.scaled_dot_product_attention(q, k, v)
+        if not return_stats:
+            return out
+        B, H = q.shape[:2]
+        return out, PSAStats(1.0, torch.ones(H), {1: B * H * math.ceil(q.shape[2] / cfg.block_size.m)
+                                                  * math.ceil(q.shape[2] / cfg.block_size.n)})
+    if plan is None:
+        plan = psa_plan(q, k, cfg, grid, text_len, text_first, backend, v=v)
+    m, n = cfg.block_size.m, cfg.block_size.n
+    L = q.shape[2]
+    qa, ka, va = arrange(q, plan.perm), arrange(k, plan.perm), arrange(v, plan.perm)
+    pyr = pyramid.build_pyramid(ka, va, n, L)
+    if plan.backend == "triton":
+        sched = pyramid.build_schedule(plan.levels, pyr, packed=cfg.attn_impl == "new_mask_type")
+        out = pyramid.attention_triton(qa.contiguous() if qa.stride(-1) != 1 else qa, pyr, sched, m)
+    else:
+        out = pyramid.attention_reference(qa, pyr, plan.levels, m)
+    out = restore(out, plan.inv)
+    return (out, plan.stats()) if return_stats else out
