@@ -53,6 +53,7 @@ def main():
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--presets", nargs="*", default=list(PRESETS))
     ap.add_argument("--check", action="store_true", help="also compare Triton with the torch reference")
+    ap.add_argument("--sweep", action="store_true", help="also time kernel tile / warp / stage variants")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "out"), "bench_attention.json"))
     args = ap.parse_args()
     dev = "cuda"
@@ -91,7 +92,7 @@ def main():
         perm, inv = sequence_permutation(grid, 0, False, cfg.rearrange_method, tuple(cfg.tile_size), cfg.use_rearrange, q.device)
         qa, ka, va = arrange(q, perm), arrange(k, perm), arrange(v, perm)
         scores = estimate.estimate_triton(qa, ka, m, n)
-        pyr = pyramid.build_pyramid(ka, va, n, L)
+        pyr, sim = pyramid.build_pyramid_triton(ka, va, n, L, cfg.use_sim_mask)
         sched = pyramid.build_schedule(plan.levels, pyr, packed=cfg.attn_impl == "new_mask_type")
         o = torch.empty_like(qa)
         t = {
@@ -99,9 +100,9 @@ def main():
             "arrange": bench(lambda: (arrange(q, perm), arrange(k, perm), arrange(v, perm))),
             "estimate": bench(lambda: estimate.estimate_triton(qa, ka, m, n)),
             "levels": bench(lambda: levels_mod.assign_levels(scores, cfg)),
-            "sim_guard": bench(lambda: levels_mod.apply_similarity_guard(
-                plan.levels, levels_mod.key_similarity(ka, n, L), cfg)) if cfg.use_sim_mask else 0.0,
-            "pyramid": bench(lambda: pyramid.build_pyramid(ka, va, n, L)),
+            "sim_guard": bench(lambda: levels_mod.apply_similarity_guard(plan.levels, sim, cfg))
+            if cfg.use_sim_mask else 0.0,
+            "pyramid": bench(lambda: pyramid.build_pyramid_triton(ka, va, n, L, cfg.use_sim_mask)),
             "schedule": bench(lambda: pyramid.build_schedule(plan.levels, pyr, cfg.attn_impl == "new_mask_type")),
             "kernel": bench(lambda: pyramid.attention_triton(qa, pyr, sched, m, out=o)),
             "restore": bench(lambda: restore(o, inv)),
@@ -111,6 +112,21 @@ def main():
                   "kernel_tflops": work_flops / t["kernel"] / 1e9,
                   "kernel_vs_cudnn_throughput": (work_flops / t["kernel"]) / (dense_flops / times["dense_cudnn"]),
                   "tiles": int(sched.num_tiles.sum()), "work_density": work_flops / dense_flops})
+        if args.sweep:
+            sweep = {}
+            for tn in (64, 128):
+                if tn < n:
+                    continue
+                sc = pyramid.build_schedule(plan.levels, pyr, cfg.attn_impl == "new_mask_type", tile_n=tn)
+                wf = float(sc.num_tiles.sum()) * 4 * m * tn * D
+                for nw in (4, 8):
+                    for ns in (2, 3, 4):
+                        try:
+                            ms = bench(lambda: pyramid.attention_triton(qa, pyr, sc, m, out=o, num_warps=nw, num_stages=ns))
+                            sweep[f"tile{tn}_w{nw}_s{ns}"] = (round(ms, 3), round(wf / ms / 1e9))
+                        except Exception as e:  # resources exceeded for this config
+                            sweep[f"tile{tn}_w{nw}_s{ns}"] = str(e)[:60]
+            r["sweep"] = sweep
         rows.append(r)
         print(json.dumps(r), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

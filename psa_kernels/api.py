@@ -32,6 +32,7 @@ class PSAPlan:
     levels: torch.Tensor              # [B, H, nqb, nkb] int8 final levels
     video_len: int                    # video tokens, first in the arranged order
     backend: str
+    pyramid: pyramid.Pyramid | None = None  # built while planning on the Triton path
 
     def stats(self) -> PSAStats:
         dens = levels_mod.density(self.levels)  # [B, H]
@@ -82,10 +83,15 @@ def psa_plan(q: torch.Tensor, k: torch.Tensor, cfg: PSAConfig, grid, text_len: i
         text_q = torch.arange(nqb, device=q.device) * m + m > video_len
         text_k = torch.arange(nkb, device=q.device) * n + n > video_len
     lv = levels_mod.assign_levels(scores, cfg, text_q, text_k)
-    if cfg.use_sim_mask:
+    pyr = None
+    if backend == "triton":
+        # The pyramid pass reads every key block anyway; it measures key similarity on the way.
+        pyr, sim = pyramid.build_pyramid_triton(ka, arrange(v, perm), n, L, cfg.use_sim_mask)
+    elif cfg.use_sim_mask:
         sim = levels_mod.key_similarity(ka, n, L)
+    if cfg.use_sim_mask:
         lv = levels_mod.apply_similarity_guard(lv, sim, cfg)
-    return PSAPlan(perm, inv, scores, lv, video_len, backend)
+    return PSAPlan(perm, inv, scores, lv, video_len, backend, pyr)
 
 
 def psa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PSAConfig, grid,
@@ -112,12 +118,15 @@ def psa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PSACon
         plan = psa_plan(q, k, cfg, grid, text_len, text_first, backend, v=v)
     m, n = cfg.block_size.m, cfg.block_size.n
     L = q.shape[2]
-    qa, ka, va = arrange(q, plan.perm), arrange(k, plan.perm), arrange(v, plan.perm)
-    pyr = pyramid.build_pyramid(ka, va, n, L)
+    qa = arrange(q, plan.perm)
     if plan.backend == "triton":
+        pyr = plan.pyramid
+        if pyr is None:
+            pyr, _ = pyramid.build_pyramid_triton(arrange(k, plan.perm), arrange(v, plan.perm), n, L)
         sched = pyramid.build_schedule(plan.levels, pyr, packed=cfg.attn_impl == "new_mask_type")
         out = pyramid.attention_triton(qa.contiguous() if qa.stride(-1) != 1 else qa, pyr, sched, m)
     else:
+        pyr = pyramid.build_pyramid(arrange(k, plan.perm), arrange(v, plan.perm), n, L)
         out = pyramid.attention_reference(qa, pyr, plan.levels, m)
     out = restore(out, plan.inv)
     return (out, plan.stats()) if return_stats else out

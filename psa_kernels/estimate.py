@@ -55,61 +55,65 @@ def estimate_reference(q: torch.Tensor, k: torch.Tensor, m: int, n: int) -> torc
 
 
 @triton.jit
-def _estimate_kernel(Q, K, Out, L, nkb, sm_scale_log2,
+def _estimate_kernel(Q, K, Out, L, nqb, nkb, sm_scale_log2,
                      sqb, sqh, sql, skb, skh, skl, sob, soh, soq,
                      H: tl.constexpr, D: tl.constexpr, M: tl.constexpr, N: tl.constexpr,
-                     SQ: tl.constexpr, SK: tl.constexpr, BLOCKS_PER_TILE: tl.constexpr):
-    # One program: one query block of one (batch, head). Two passes over the sampled keys:
-    # the first finds each sampled query's softmax max and normaliser, the second sums the
-    # normalised probabilities per key block.
-    qb = tl.program_id(0)
+                     SQ: tl.constexpr, SK: tl.constexpr, QBLOCKS: tl.constexpr, KBLOCKS: tl.constexpr):
+    # One program: QBLOCKS query blocks of one (batch, head), so the sampled queries fill a
+    # tensor-core tile. Two passes over the sampled keys: the first finds each sampled
+    # query's softmax max and normaliser, the second sums the probabilities per key block.
+    pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    TILE: tl.constexpr = BLOCKS_PER_TILE * SK
+    ROWS: tl.constexpr = QBLOCKS * SQ
+    TILE: tl.constexpr = KBLOCKS * SK
     q_stride: tl.constexpr = M // SQ
     k_stride: tl.constexpr = N // SK
 
-    qs = tl.arange(0, SQ)
-    qrow = qb * M + qs * q_stride + q_stride // 2
-    qvalid = (qrow < L) | (qs == 0)
+    i = tl.arange(0, ROWS)
+    qblk = pid * QBLOCKS + i // SQ
+    qrow = qblk * M + (i % SQ) * q_stride + q_stride // 2
+    qvalid = ((qrow < L) | (i % SQ == 0)) & (qblk < nqb)
     qrow = tl.minimum(qrow, L - 1)
     dd = tl.arange(0, D)
     q = tl.load(Q + b * sqb + h * sqh + qrow[:, None] * sql + dd[None, :], mask=qvalid[:, None], other=0.0)
     kbase = K + b * skb + h * skh
 
     kk = tl.arange(0, TILE)
-    m_i = tl.full([SQ], float("-inf"), tl.float32)
-    l_i = tl.zeros([SQ], tl.float32)
-    ntiles = tl.cdiv(nkb, BLOCKS_PER_TILE)
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    ntiles = tl.cdiv(nkb, KBLOCKS)
     for t in range(0, ntiles):
-        kblk = t * BLOCKS_PER_TILE + kk // SK
+        kblk = t * KBLOCKS + kk // SK
         krow = kblk * N + (kk % SK) * k_stride + k_stride // 2
-        kvalid = (krow < L) | ((kk % SK == 0) & (kblk < nkb))
+        kvalid = ((krow < L) | (kk % SK == 0)) & (kblk < nkb)
         krow = tl.minimum(krow, L - 1)
         kt = tl.load(kbase + krow[None, :] * skl + dd[:, None], mask=kvalid[None, :], other=0.0)
-        s = tl.dot(q, kt) * sm_scale_log2
-        s = tl.where(kvalid[None, :], s, float("-inf"))
+        s = tl.where(kvalid[None, :], tl.dot(q, kt) * sm_scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
         m_i = m_new
 
-    wq = tl.where(qvalid, 1.0 / l_i, 0.0)
-    nvalid_q = tl.sum(qvalid.to(tl.float32), 0)
-    jb = tl.arange(0, BLOCKS_PER_TILE)
+    # weight of each sampled query: 1 / (its normaliser * real samples of its query block)
+    nreal = tl.sum(tl.reshape(qvalid.to(tl.float32), [QBLOCKS, SQ]), 1)
+    w = tl.where(qvalid, 1.0 / l_i, 0.0)
+    w = tl.reshape(tl.reshape(w, [QBLOCKS, SQ]) / tl.maximum(nreal, 1.0)[:, None], [ROWS])
+    jq = pid * QBLOCKS + tl.arange(0, QBLOCKS)
+    jk = tl.arange(0, KBLOCKS)
     for t in range(0, ntiles):
-        kblk = t * BLOCKS_PER_TILE + kk // SK
+        kblk = t * KBLOCKS + kk // SK
         krow = kblk * N + (kk % SK) * k_stride + k_stride // 2
-        kvalid = (krow < L) | ((kk % SK == 0) & (kblk < nkb))
+        kvalid = ((krow < L) | (kk % SK == 0)) & (kblk < nkb)
         krow = tl.minimum(krow, L - 1)
         kt = tl.load(kbase + krow[None, :] * skl + dd[:, None], mask=kvalid[None, :], other=0.0)
         s = tl.dot(q, kt) * sm_scale_log2
-        p = tl.exp2(s - m_i[:, None]) * wq[:, None]
-        p = tl.where(kvalid[None, :], p, 0.0)
-        col = tl.sum(p, 0)  # [TILE]: mass per sampled key, summed over the sampled queries
-        blk = tl.sum(tl.reshape(col, [BLOCKS_PER_TILE, SK]), 1) / nvalid_q
-        kb = t * BLOCKS_PER_TILE + jb
-        tl.store(Out + b * sob + h * soh + qb * soq + kb, blk, mask=kb < nkb)
+        p = tl.where(kvalid[None, :], tl.exp2(s - m_i[:, None]) * w[:, None], 0.0)
+        per_q = tl.sum(tl.reshape(p, [QBLOCKS, SQ, TILE]), 1)             # [QBLOCKS, TILE]
+        blk = tl.sum(tl.reshape(per_q, [QBLOCKS, KBLOCKS, SK]), 2)        # [QBLOCKS, KBLOCKS]
+        kb = t * KBLOCKS + jk
+        tl.store(Out + b * sob + h * soh + jq[:, None] * soq + kb[None, :], blk,
+                 mask=(jq < nqb)[:, None] & (kb < nkb)[None, :])
 
 
 def estimate_triton(q: torch.Tensor, k: torch.Tensor, m: int, n: int) -> torch.Tensor:
@@ -122,12 +126,13 @@ def estimate_triton(q: torch.Tensor, k: torch.Tensor, m: int, n: int) -> torch.T
     if k.stride(-1) != 1:
         k = k.contiguous()
     out = torch.empty((B, H, nqb, nkb), device=q.device, dtype=torch.float32)
-    blocks_per_tile = max(1, 128 // sk)
+    qblocks = max(1, 64 // sq)
+    kblocks = max(1, 64 // sk)
     sm_scale_log2 = (1.0 / math.sqrt(D)) * 1.4426950408889634
-    _estimate_kernel[(nqb, B * H)](
-        q, k, out, L, nkb, sm_scale_log2,
+    _estimate_kernel[(triton.cdiv(nqb, qblocks), B * H)](
+        q, k, out, L, nqb, nkb, sm_scale_log2,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        H=H, D=D, M=m, N=n, SQ=sq, SK=sk, BLOCKS_PER_TILE=blocks_per_tile,
+        H=H, D=D, M=m, N=n, SQ=sq, SK=sk, QBLOCKS=qblocks, KBLOCKS=kblocks,
         num_warps=4)
     return out

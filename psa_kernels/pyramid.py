@@ -60,6 +60,87 @@ def build_pyramid(k: torch.Tensor, v: torch.Tensor, n: int, L: int) -> Pyramid:
     return Pyramid(torch.cat(ks, dim=2), torch.cat(vs, dim=2), torch.cat(biases), base, n)
 
 
+@triton.jit
+def _group_mean(x, valid, P: tl.constexpr, N: tl.constexpr, D: tl.constexpr):
+    """Mean over groups of P consecutive rows of x [N, D] (real rows only) and the counts."""
+    xs = tl.sum(tl.reshape(x, [N // P, P, D]), 1)
+    cnt = tl.sum(tl.reshape(valid.to(tl.float32), [N // P, P]), 1)
+    return xs / tl.maximum(cnt, 1.0)[:, None], cnt
+
+
+@triton.jit
+def _group_end_cosine(xn, valid, P: tl.constexpr, N: tl.constexpr, D: tl.constexpr):
+    """Mean cosine of the first and last row of each real group of P rows (xn row-normalised)."""
+    x3 = tl.reshape(xn, [N // P, P, D])
+    j = tl.arange(0, P)
+    first = tl.sum(x3 * (j == 0).to(tl.float32)[None, :, None], 1)
+    last = tl.sum(x3 * (j == P - 1).to(tl.float32)[None, :, None], 1)
+    full = tl.sum(tl.reshape(valid.to(tl.float32), [N // P, P]), 1) == P
+    cos = tl.where(full, tl.sum(first * last, 1), 0.0)
+    return tl.sum(cos, 0) / tl.maximum(tl.sum(full.to(tl.float32), 0), 1.0)
+
+
+@triton.jit
+def _pyramid_build_kernel(K, V, KP, VP, Bias, Sim, L, rows1,
+                          skb, skh, skl, svb, svh, svl, spb, sph, spl, sim_bh,
+                          H: tl.constexpr, D: tl.constexpr, N: tl.constexpr, WITH_SIM: tl.constexpr):
+    # One program: one key block of one (batch, head); writes its rows at every level.
+    j = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    r = j * N + tl.arange(0, N)
+    valid = r < L
+    dd = tl.arange(0, D)
+    k = tl.load(K + b * skb + h * skh + r[:, None] * skl + dd[None, :], mask=valid[:, None], other=0.0)
+    v = tl.load(V + b * svb + h * svh + r[:, None] * svl + dd[None, :], mask=valid[:, None], other=0.0)
+    kp = KP + b * spb + h * sph
+    vp = VP + b * spb + h * sph
+    tl.store(kp + r[:, None] * spl + dd[None, :], k)
+    tl.store(vp + r[:, None] * spl + dd[None, :], v)
+    kf = k.to(tl.float32)
+    vf = v.to(tl.float32)
+    base = rows1
+    for lvl in tl.static_range(1, 4):
+        P: tl.constexpr = 1 << lvl
+        km, cnt = _group_mean(kf, valid, P, N, D)
+        vm, _ = _group_mean(vf, valid, P, N, D)
+        rp = base + j * (N // P) + tl.arange(0, N // P)
+        tl.store(kp + rp[:, None] * spl + dd[None, :], km.to(KP.dtype.element_ty))
+        tl.store(vp + rp[:, None] * spl + dd[None, :], vm.to(VP.dtype.element_ty))
+        if bh == 0:
+            tl.store(Bias + rp, tl.where(cnt > 0, tl.log(tl.maximum(cnt, 1.0)), float("-inf")))
+        base += rows1 // P
+    if bh == 0:
+        tl.store(Bias + r, tl.where(valid, 0.0, float("-inf")))
+    if WITH_SIM:
+        kn = kf / tl.maximum(tl.sqrt(tl.sum(kf * kf, 1)), 1e-12)[:, None]
+        for lvl in tl.static_range(1, 4):
+            P: tl.constexpr = 1 << lvl
+            tl.store(Sim + bh * sim_bh + j * 3 + lvl - 1, _group_end_cosine(kn, valid, P, N, D))
+
+
+def build_pyramid_triton(k: torch.Tensor, v: torch.Tensor, n: int, L: int,
+                         with_similarity: bool = False) -> tuple[Pyramid, torch.Tensor | None]:
+    """Same pyramid as :func:`build_pyramid` in one pass over k and v; with ``with_similarity``
+    also the key similarity of :func:`levels.key_similarity` ([B, H, nkb, 3])."""
+    B, H, _, D = k.shape
+    nkb = -(-L // n)
+    rows1 = nkb * n
+    rows = rows1 * 15 // 8
+    kp = torch.empty((B, H, rows, D), device=k.device, dtype=k.dtype)
+    vp = torch.empty((B, H, rows, D), device=v.device, dtype=v.dtype)
+    bias = torch.empty(rows, device=k.device, dtype=torch.float32)
+    sim = torch.empty((B, H, nkb, 3), device=k.device, dtype=torch.float32) if with_similarity else bias
+    _pyramid_build_kernel[(nkb, B * H)](
+        k, v, kp, vp, bias, sim, L, rows1,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        kp.stride(0), kp.stride(1), kp.stride(2), sim.stride(1) if with_similarity else 0,
+        H=H, D=D, N=n, WITH_SIM=with_similarity, num_warps=4)
+    base = {1: 0, 2: rows1, 4: rows1 + rows1 // 2, 8: rows1 + rows1 // 2 + rows1 // 4}
+    return Pyramid(kp, vp, bias, base, n), (sim if with_similarity else None)
+
+
 def attention_reference(q: torch.Tensor, pyr: Pyramid, levels: torch.Tensor, m: int,
                         q_chunk: int = 1024) -> torch.Tensor:
     """Pyramid attention in torch (float32 math), straight from the level map.
@@ -104,47 +185,74 @@ def tile_width(n: int) -> int:
     return max(n, 64)
 
 
-def build_schedule(levels: torch.Tensor, pyr: Pyramid, packed: bool) -> Schedule:
-    """Turn a level map into tile lists, level by level (1, 2, 4, 8), key blocks ascending."""
+@triton.jit
+def _schedule_level(lv, kb, nkb, Segs, TileLevel, TileSeg, seg_at, tile_at,
+                    P: tl.constexpr, BASE, N: tl.constexpr, PER_TILE: tl.constexpr, MAX_T: tl.constexpr):
+    """Append the key blocks of level P to one row's segment list, PER_TILE segments a tile."""
+    sel = (lv == P) & (kb < nkb)
+    cnt = tl.sum(sel.to(tl.int32), 0)
+    pos = tl.cumsum(sel.to(tl.int32), 0) - 1
+    tl.store(Segs + seg_at + pos, BASE + kb * (N // P), mask=sel)
+    ntiles = (cnt + PER_TILE - 1) // PER_TILE
+    pad = tl.arange(0, PER_TILE)
+    tl.store(Segs + seg_at + cnt + pad, -1, mask=pad < ntiles * PER_TILE - cnt)
+    t = tl.arange(0, MAX_T)
+    tl.store(TileLevel + tile_at + t, tl.full([MAX_T], P, tl.int32), mask=t < ntiles)
+    tl.store(TileSeg + tile_at + t, seg_at + t * PER_TILE, mask=t < ntiles)
+    return ntiles * PER_TILE, ntiles
+
+
+@triton.jit
+def _schedule_kernel(Levels, Segs, TileLevel, TileSeg, NumTiles, nkb, s_lv, s_seg, s_tile,
+                     B2, B4, B8, N: tl.constexpr, NKB: tl.constexpr,
+                     PT1: tl.constexpr, PT2: tl.constexpr, PT4: tl.constexpr, PT8: tl.constexpr,
+                     MT1: tl.constexpr, MT2: tl.constexpr, MT4: tl.constexpr, MT8: tl.constexpr):
+    # One program: one (batch, head, query block) row. Segment positions inside the row are
+    # relative (TileSeg holds row-relative offsets), so rows never look at each other.
+    row = tl.program_id(0)
+    kb = tl.arange(0, NKB)
+    lv = tl.load(Levels + row * s_lv + kb, mask=kb < nkb, other=0).to(tl.int32)
+    segs = Segs + row * s_seg
+    tlev = TileLevel + row * s_tile
+    tseg = TileSeg + row * s_tile
+    ns, nt = _schedule_level(lv, kb, nkb, segs, tlev, tseg, 0, 0, 1, 0, N, PT1, MT1)
+    ds, dt = _schedule_level(lv, kb, nkb, segs, tlev, tseg, ns, nt, 2, B2, N, PT2, MT2)
+    ns += ds
+    nt += dt
+    ds, dt = _schedule_level(lv, kb, nkb, segs, tlev, tseg, ns, nt, 4, B4, N, PT4, MT4)
+    ns += ds
+    nt += dt
+    ds, dt = _schedule_level(lv, kb, nkb, segs, tlev, tseg, ns, nt, 8, B8, N, PT8, MT8)
+    tl.store(NumTiles + row, nt + dt)
+
+
+def build_schedule(levels: torch.Tensor, pyr: Pyramid, packed: bool, tile_n: int | None = None) -> Schedule:
+    """Turn a level map into tile lists, level by level (1, 2, 4, 8), key blocks ascending.
+
+    One Triton program per row; buffers are sized for the worst case of any level map, so
+    nothing is read back to the host."""
     B, H, nqb, nkb = levels.shape
     n = pyr.n
-    tn = tile_width(n)
-    dev = levels.device
-    R = B * H * nqb
-    lv = levels.reshape(R, nkb)
-    kb = torch.arange(nkb, device=dev, dtype=torch.int32)
+    tn = tile_n or tile_width(n)
     per_tile = {p: (tn * p // n if packed else 1) for p in LEVEL_ORDER}
-    counts = {p: (lv == p).sum(-1, dtype=torch.int32) for p in LEVEL_ORDER}
-    ntiles = {p: (counts[p] + per_tile[p] - 1) // per_tile[p] for p in LEVEL_ORDER}
-    seg_start, tile_start = {}, {}
-    seg_acc = torch.zeros(R, dtype=torch.int32, device=dev)
-    tile_acc = torch.zeros(R, dtype=torch.int32, device=dev)
-    for p in LEVEL_ORDER:
-        seg_start[p], tile_start[p] = seg_acc, tile_acc
-        seg_acc = seg_acc + ntiles[p] * per_tile[p]
-        tile_acc = tile_acc + ntiles[p]
-    max_segs = max(int(seg_acc.max()) if R else 0, 1)
-    max_tiles = max(int(tile_acc.max()) if R else 0, 1)
-    # One spare column takes the writes of unused slots and is cut off afterwards.
-    segs = torch.full((R, max_segs + 1), -1, dtype=torch.int32, device=dev)
-    tile_level = torch.zeros((R, max_tiles + 1), dtype=torch.int32, device=dev)
-    tile_seg = torch.zeros((R, max_tiles + 1), dtype=torch.int32, device=dev)
-    for p in LEVEL_ORDER:
-        mask = lv == p
-        pos = mask.cumsum(-1, dtype=torch.int32) - 1
-        col = torch.where(mask, seg_start[p][:, None] + pos, torch.full_like(pos, max_segs))
-        segs.scatter_(1, col.long(), (pyr.base[p] + kb * (n // p)).expand(R, nkb).contiguous())
-        t = torch.arange(int(ntiles[p].max()) if R else 0, device=dev, dtype=torch.int32)
-        if t.numel():
-            valid = t[None, :] < ntiles[p][:, None]
-            tcol = torch.where(valid, tile_start[p][:, None] + t[None, :], torch.full_like(valid, max_tiles, dtype=torch.int32))
-            tile_level.scatter_(1, tcol.long(), torch.full_like(tcol, p))
-            tile_seg.scatter_(1, tcol.long(), seg_start[p][:, None] + t[None, :] * per_tile[p])
-    shape = (B, H, nqb)
-    return Schedule(tile_level[:, :max_tiles].reshape(*shape, max_tiles).contiguous(),
-                    tile_seg[:, :max_tiles].reshape(*shape, max_tiles).contiguous(),
-                    tile_acc.reshape(shape).contiguous(),
-                    segs[:, :max_segs].reshape(*shape, max_segs).contiguous(), tn, packed)
+    max_t = {p: -(-nkb // per_tile[p]) for p in LEVEL_ORDER}
+    max_segs = sum(max_t[p] * per_tile[p] for p in LEVEL_ORDER)
+    max_tiles = sum(max_t.values())
+    dev = levels.device
+    lv = levels.reshape(B * H * nqb, nkb)
+    if lv.stride(-1) != 1:
+        lv = lv.contiguous()
+    segs = torch.empty((B, H, nqb, max_segs), dtype=torch.int32, device=dev)
+    tile_level = torch.empty((B, H, nqb, max_tiles), dtype=torch.int32, device=dev)
+    tile_seg = torch.empty((B, H, nqb, max_tiles), dtype=torch.int32, device=dev)
+    num_tiles = torch.empty((B, H, nqb), dtype=torch.int32, device=dev)
+    p2 = triton.next_power_of_2
+    _schedule_kernel[(B * H * nqb,)](
+        lv, segs, tile_level, tile_seg, num_tiles, nkb, lv.stride(0), max_segs, max_tiles,
+        pyr.base[2], pyr.base[4], pyr.base[8], N=n, NKB=p2(nkb),
+        PT1=per_tile[1], PT2=per_tile[2], PT4=per_tile[4], PT8=per_tile[8],
+        MT1=p2(max_t[1]), MT2=p2(max_t[2]), MT4=p2(max_t[4]), MT8=p2(max_t[8]), num_warps=4)
+    return Schedule(tile_level, tile_seg, num_tiles, segs, tn, packed)
 
 
 # ------------------------------------------------------------------------- kernel
@@ -201,7 +309,8 @@ def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, NumTiles, Seg
 
 
 def attention_triton(q: torch.Tensor, pyr: Pyramid, sched: Schedule, m: int,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, num_warps: int | None = None,
+                     num_stages: int = 2) -> torch.Tensor:
     """The pyramid attention kernel over a schedule; same function as attention_reference."""
     B, H, L, D = q.shape
     nqb = sched.num_tiles.shape[-1]
@@ -215,5 +324,5 @@ def attention_triton(q: torch.Tensor, pyr: Pyramid, sched: Schedule, m: int,
         pyr.v.stride(0), pyr.v.stride(1), pyr.v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         sched.tile_level.stride(2), sched.segs.stride(2),
         H=H, D=D, BLOCK_M=m, N=pyr.n, TILE_N=sched.tile_n, PACKED=sched.packed,
-        num_warps=8 if m >= 128 else 4, num_stages=2)
+        num_warps=num_warps or (8 if m >= 128 else 4), num_stages=num_stages)
     return out
