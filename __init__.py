@@ -1,0 +1,11 @@
+"""PSA for ComfyUI: Pyramid Sparse Attention for video diffusion models.
+
+ComfyUI entry point only. It stays cheap to import: the nodes (and with them torch and the
+kernels) load when ComfyUI asks for them.
+"""
+
+
+async def comfy_entrypoint():
+    from .nodes.nodes import PSAExtension
+    return PSAExtension()
+

@@ -1,0 +1,183 @@
+"""The three ComfyUI nodes (V3 schema). They only wire inputs to nodes/presets, edit, detect, patch."""
+from __future__ import annotations
+
+import logging
+
+from comfy_api.latest import ComfyExtension, io
+
+from ..psa_kernels.config import (ATTN_IMPLS, BLOCK_SIZES_M, BLOCK_SIZES_N, MASK_MODES, PRESET_TYPES,
+                                  REARRANGE_METHODS, TILE_N_SIZES, ConfigError, PSAConfig)
+from . import edit
+from .detect import ModelSignature, detect_section
+from .patch import apply_psa
+from .presets import DEFAULT_PRESET, PresetStore, PSAPreset
+
+log = logging.getLogger("psa")
+
+PSAConfigIO = io.Custom("PSA_CONFIG")
+STORE = PresetStore()
+AUTO = "auto"
+INCOMING = "incoming"
+CATEGORY = "PSA"
+
+
+def _problems_note() -> str:
+    problems = STORE.library().problems
+    if not problems:
+        return ""
+    return "\n\nWARNING: some presets could not be loaded (details in the ComfyUI log):\n- " + "\n- ".join(problems)
+
+
+def _keep_combo(name: str, options, tooltip: str) -> io.Combo.Input:
+    return io.Combo.Input(name, options=[edit.KEEP, *map(str, options)], default=edit.KEEP,
+                          tooltip=tooltip + " 'keep' leaves the incoming value.")
+
+
+class PSALoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        lib = STORE.library()
+        return io.Schema(
+            node_id="PSALoader",
+            display_name="PSA Loader",
+            category=CATEGORY,
+            description="Picks a Pyramid Sparse Attention preset from configs/attention_config.yaml "
+                        "and the user presets file." + _problems_note(),
+            inputs=[
+                io.Combo.Input("model_section", options=[AUTO, *lib.section_names()], default=AUTO,
+                               tooltip="Model section of attention_config.yaml. 'auto' detects the Wan "
+                                       "family from the connected model."),
+                io.Combo.Input("preset", options=[DEFAULT_PRESET, *lib.preset_names()], default=DEFAULT_PRESET,
+                               tooltip="Preset of that section; 'default' is the section's "
+                                       "default_attention. 'baseline' is dense attention."),
+                io.Model.Input("model", optional=True,
+                               tooltip="Only for model_section 'auto': the model whose family picks the section."),
+            ],
+            outputs=[PSAConfigIO.Output(display_name="psa_config",
+                                        tooltip="The preset, for PSA Preset Editor or Apply PSA.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs):
+        return STORE.stamp()  # re-run when a presets file changes on disk
+
+    @classmethod
+    def execute(cls, model_section: str, preset: str, model=None) -> io.NodeOutput:
+        lib = STORE.library()
+        if model_section == AUTO:
+            if model is None:
+                raise ConfigError("model_section: 'auto' needs the model input connected; or pick a section: "
+                                  + ", ".join(lib.section_names()))
+            model_section, why = detect_section(ModelSignature.of(model), lib.sections)
+            log.info("[PSA] Loader auto: section %s (%s)", model_section, why)
+        return io.NodeOutput(lib.resolve(model_section, preset))
+
+
+class PSAPresetEditor(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        lib = STORE.library()
+        level = ("Range [lo, hi] of the ranked key blocks (topk: shares of blocks; thresholdbound: "
+                 "cumulative attention mass) that get level {}. Type 'lo, hi', 'off' to give the level "
+                 "nothing, or 'keep'. Ranges join end to end from 0 to 1 in level order 1, 2, 4, 8, 0.")
+        return io.Schema(
+            node_id="PSAPresetEditor",
+            display_name="PSA Preset Editor",
+            category=CATEGORY,
+            description="Changes fields of a PSA preset; every widget left on 'keep' (-1 for warm-up, "
+                        "empty description) keeps the incoming value. Can save the result as a named preset.",
+            inputs=[
+                PSAConfigIO.Input("psa_config", optional=True,
+                                  tooltip="Preset to edit; without it, the library defaults are edited."),
+                _keep_combo("type", PRESET_TYPES, "psa: sparse attention; dense: the model's own attention."),
+                io.String.Input("description", default="", tooltip="Description of the preset; empty keeps it."),
+                io.String.Input("level_1", default=edit.KEEP, tooltip=level.format("1 (full resolution)")),
+                io.String.Input("level_2", default=edit.KEEP, tooltip=level.format("2 (keys pooled by 2)")),
+                io.String.Input("level_4", default=edit.KEEP, tooltip=level.format("4 (keys pooled by 4)")),
+                io.String.Input("level_8", default=edit.KEEP, tooltip=level.format("8 (keys pooled by 8)")),
+                io.String.Input("level_0", default=edit.KEEP, tooltip=level.format("0 (skipped)")),
+                _keep_combo("mask_mode", MASK_MODES, "thresholdbound: ranges bound the cumulative attention "
+                            "mass; topk: ranges are fixed shares of the key blocks."),
+                _keep_combo("attn_impl", ATTN_IMPLS, "new_mask_type packs p pooled key blocks into one "
+                            "kernel tile; old_mask_type runs one key block per tile."),
+                _keep_combo("block_m", BLOCK_SIZES_M, "Query block size in tokens."),
+                _keep_combo("block_n", BLOCK_SIZES_N, "Key/value block size in tokens."),
+                _keep_combo("tile_n", TILE_N_SIZES, "Accepted for compatibility with research YAML files "
+                            "(at most block_n); our kernels choose their own key tile."),
+                _keep_combo("use_rearrange", edit.BOOL_CHOICES[1:], "Reorder video tokens so that tokens "
+                            "close in space-time are close in the sequence."),
+                _keep_combo("rearrange_method", REARRANGE_METHODS, "Gilbert: 3D Hilbert curve; Tiled: "
+                            "tiles of tile_size."),
+                io.String.Input("tile_size", default=edit.KEEP,
+                                tooltip="Tile of the Tiled rearrangement, 'depth, height, width' in tokens, or 'keep'."),
+                _keep_combo("use_sim_mask", edit.BOOL_CHOICES[1:], "Similarity guard: pool a key block "
+                            "only if its keys are similar enough at that scale."),
+                io.String.Input("sim_thresholds", default=edit.KEEP,
+                                tooltip="Similarity guard thresholds 'x2, x4, x8' (mean cosine similarity "
+                                        "needed to pool by 2, 4, 8), or 'keep'."),
+                io.Int.Input("warmup_steps", default=edit.KEEP_INT, min=edit.KEEP_INT, max=10000,
+                             tooltip="Sampling steps that run dense attention first; -1 keeps the incoming value."),
+                _keep_combo("verbose", edit.BOOL_CHOICES[1:], "Log the attention density per step and block."),
+                io.Combo.Input("save_section", options=[INCOMING, *lib.section_names()], default=INCOMING,
+                               tooltip="Model section to save the preset under; 'incoming' uses the "
+                                       "incoming preset's section."),
+                io.String.Input("save_name", default="",
+                                tooltip="Save the result under this name in the user presets file (kept "
+                                        "when the pack updates); empty does not save."),
+                io.Boolean.Input("overwrite", default=False,
+                                 tooltip="Allow saving over an existing preset of that name."),
+            ],
+            outputs=[PSAConfigIO.Output(display_name="psa_config", tooltip="The edited preset.")],
+        )
+
+    @classmethod
+    def execute(cls, save_section: str, save_name: str, overwrite: bool, psa_config: PSAPreset | None = None,
+                **widgets) -> io.NodeOutput:
+        incoming = psa_config or PSAPreset(section="", name="defaults", config=PSAConfig())
+        try:
+            config = edit.edit_preset(incoming.config, **widgets)
+        except ConfigError as e:
+            raise ConfigError(f"PSA Preset Editor: {e}") from None
+        out = PSAPreset(incoming.section, incoming.name, config, incoming.text_length, incoming.video_scale)
+        if save_name.strip():
+            section = incoming.section if save_section == INCOMING else save_section
+            if not section:
+                raise ConfigError("save_section: 'incoming' has no section (no preset connected); pick one")
+            status = STORE.save(section, save_name.strip(), config, overwrite)
+            log.info("[PSA] preset %s/%s %s in %s", section, save_name.strip(), status, STORE.user)
+            mc = STORE.library().sections[section]
+            out = PSAPreset(section, save_name.strip(), config, mc.text_length, mc.video_scale)
+        return io.NodeOutput(out)
+
+
+class ApplyPSA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ApplyPSA",
+            display_name="Apply PSA",
+            category=CATEGORY,
+            description="Returns a copy of the model whose video self-attention runs Pyramid Sparse "
+                        "Attention; the input model is left unchanged.",
+            inputs=[
+                io.Model.Input("model", tooltip="Video diffusion model (Wan 2.1 / 2.2)."),
+                PSAConfigIO.Input("psa_config", tooltip="Preset from PSA Loader or PSA Preset Editor."),
+                io.Int.Input("dense_first_blocks", default=0, min=0, max=1000,
+                             tooltip="Run the first N transformer blocks (self-attention calls of a "
+                                     "forward, in order) with the model's own dense attention."),
+                io.Int.Input("dense_last_steps", default=0, min=0, max=10000,
+                             tooltip="Run the last N sampling steps with dense attention."),
+            ],
+            outputs=[io.Model.Output(tooltip="The patched model.")],
+        )
+
+    @classmethod
+    def execute(cls, model, psa_config: PSAPreset, dense_first_blocks: int, dense_last_steps: int) -> io.NodeOutput:
+        if not isinstance(psa_config, PSAPreset):
+            raise ConfigError(f"psa_config: got {type(psa_config).__name__}; connect a PSA Loader or PSA Preset Editor")
+        return io.NodeOutput(apply_psa(model, psa_config, dense_first_blocks, dense_last_steps))
+
+
+class PSAExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [PSALoader, PSAPresetEditor, ApplyPSA]
