@@ -1,0 +1,59 @@
+"""PSA Preset Editor rule: widgets left on keep keep the incoming value (no ComfyUI)."""
+import pytest
+
+from pack_import import pack_module
+
+edit = pack_module("nodes.edit")
+config = pack_module("psa_kernels.config")
+ConfigError, PSAConfig = config.ConfigError, config.PSAConfig
+
+BASE = PSAConfig.from_dict({
+    "type": "psa", "description": "base", "block_size": {"m": 128, "n": 32, "tile_n": 32},
+    "mask_ratios": {1: [0.0, 0.05], 2: [0.05, 0.1], 4: [0.1, 0.15], 8: [0.15, 0.25], 0: [0.25, 1.0]},
+    "mask_mode": "topk", "warmup_steps": 15, "use_sim_mask": False,
+    "sim_thresholds": {"x2": 0.7, "x4": 0.65, "x8": 0.65}})
+
+
+def test_all_keep_returns_the_incoming_preset():
+    keep = {w: edit.KEEP for w in [*edit.COMBO_FIELDS, *edit.BOOL_FIELDS, *edit.BLOCK_FIELDS,
+                                   *edit.LEVEL_WIDGETS.values(), "tile_size", "sim_thresholds"]}
+    assert edit.edit_preset(BASE, **keep, warmup_steps=edit.KEEP_INT, description="") is BASE
+
+
+def test_changed_fields_replace_untouched_fields_stay():
+    out = edit.edit_preset(BASE, warmup_steps=0, use_sim_mask="true", block_n="64", sim_thresholds="0.8, 0.7, 0.6",
+                           tile_size="[1, 4, 4]", rearrange_method="Tiled", description="mine")
+    assert (out.warmup_steps, out.use_sim_mask, out.block_size.n) == (0, True, 64)
+    assert out.sim_thresholds.x2 == 0.8 and out.tile_size == (1, 4, 4) and out.rearrange_method == "Tiled"
+    assert out.description == "mine"
+    assert out.mask_ratios == BASE.mask_ratios and out.mask_mode == "topk" and out.block_size.m == 128
+
+
+def test_level_ranges_keep_replace_and_off():
+    # level 0 kept its incoming [0.25, 1.0], which no longer joins level 8's end: a clear error
+    with pytest.raises(ConfigError, match=r"mask_ratios\.0: .*out of order: it must start at 0.5"):
+        edit.edit_preset(BASE, level_1="0, 0.2", level_2="0.2, 0.3", level_4="off", level_8="0.3, 0.5")
+    out = edit.edit_preset(BASE, level_1="0, 0.2", level_2="0.2, 0.3", level_4="off", level_8="0.3, 0.5",
+                           level_0="0.5, 1")
+    assert out.mask_ratios == {1: (0.0, 0.2), 2: (0.2, 0.3), 8: (0.3, 0.5), 0: (0.5, 1.0)}
+
+
+@pytest.mark.parametrize("widgets, match", [
+    ({"level_2": "0.1"}, r"level_2: got '0.1'; allowed: keep, or off, or a range"),
+    ({"tile_size": "2, 8"}, r"tile_size: got '2, 8'; allowed: keep, or three integers"),
+    ({"sim_thresholds": "a, b, c"}, r"sim_thresholds: got 'a, b, c'"),
+    ({"block_n": "16", "tile_n": "32"}, r"block_size.tile_n: got 32; allowed with n=16: 16"),
+    ({"mask_mode": "fast"}, r"mask_mode: got 'fast'; allowed: thresholdbound, topk"),
+    ({"use_rearrange": "yes"}, r"use_rearrange: got 'yes'; allowed: keep, true, false"),
+])
+def test_bad_widget_values_name_the_field(widgets, match):
+    with pytest.raises(ConfigError, match=match):
+        edit.edit_preset(BASE, **widgets)
+
+
+def test_dense_presets_stay_minimal_and_switch_to_psa_fully():
+    dense = PSAConfig.from_dict({"type": "dense", "description": "full"})
+    assert edit.edit_preset(dense, verbose="true").to_dict() == {"type": "dense", "description": "full",
+                                                                 "verbose": True}
+    psa = edit.edit_preset(dense, type="psa")
+    assert not psa.is_dense and psa.to_dict()["mask_ratios"] == PSAConfig().to_dict()["mask_ratios"]

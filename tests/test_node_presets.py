@@ -1,0 +1,138 @@
+"""Preset store: shipped file, user file merged over it, saving, and broken files (no ComfyUI)."""
+import pytest
+import yaml
+
+from pack_import import pack_module
+
+presets = pack_module("nodes.presets")
+config = pack_module("psa_kernels.config")
+ConfigError, PSAConfig = config.ConfigError, config.PSAConfig
+SHIPPED = presets.SHIPPED_FILE
+
+
+def store(tmp_path, user_text=None, shipped=SHIPPED):
+    user = tmp_path / "user" / "attention_presets.yaml"
+    if user_text is not None:
+        user.parent.mkdir(parents=True, exist_ok=True)
+        user.write_text(user_text)
+    return presets.PresetStore(shipped=shipped, user=user), user
+
+
+def test_shipped_file_has_every_section_with_a_dense_baseline(tmp_path):
+    lib, _ = store(tmp_path)
+    lib = lib.library()
+    assert lib.problems == []
+    for name in ("Wan2.1_14b", "Wan2.1_1.3b", "Wan2.2_A14B", "Wan2.2_5B", "CogVideo1.5_5b", "CogVideo_5b",
+                 "Wan2.1_14b_I2V", "Wan2.2_A14B_I2V", "Wan2.1_Fun", "Wan2.1_VACE"):
+        section = lib.sections[name]
+        assert section.attention_configs["baseline"].is_dense
+        assert section.default_attention in section.attention_configs
+        assert all(not p.verbose for p in section.attention_configs.values())
+    wan14 = lib.resolve("Wan2.1_14b", "default")
+    assert wan14.name == "psa_balanced" and wan14.config.mask_ratios[8] == (0.6, 0.8)
+    assert wan14.config.warmup_steps == 15 and wan14.config.attn_impl == "new_mask_type"
+    assert lib.sections["Wan2.2_5B"].video_scale.width_divisor == 32
+    assert lib.resolve("CogVideo_5b", "psa_4steps").config.warmup_steps == 0
+    assert lib.sections["CogVideo1.5_5b"].text_length == 226
+
+
+def test_resolve_errors_name_the_allowed_values(tmp_path):
+    lib = store(tmp_path)[0].library()
+    with pytest.raises(ConfigError, match=r"preset: 'psa_topk' is not a preset of section 'Wan2.1_14b'; "
+                                          r"allowed: default, baseline, psa_balanced"):
+        lib.resolve("Wan2.1_14b", "psa_topk")
+    with pytest.raises(ConfigError, match="model_section: unknown section 'Nope'"):
+        lib.resolve("Nope", "default")
+
+
+def test_user_file_merges_over_shipped(tmp_path):
+    user_text = """
+Wan2.1_1.3b:
+  default_attention: mine
+  attention_configs:
+    mine: {type: psa, warmup_steps: 3}
+    psa_topk: {type: psa, mask_mode: topk, warmup_steps: 1}
+NewModel:
+  attention_configs:
+    only: {type: dense}
+"""
+    lib = store(tmp_path, user_text)[0].library()
+    assert lib.problems == []
+    section = lib.sections["Wan2.1_1.3b"]
+    assert section.default_attention == "mine"
+    assert section.attention_configs["psa_topk"].warmup_steps == 1       # user wins
+    assert section.attention_configs["psa_balanced"].use_sim_mask          # shipped kept
+    assert section.video_scale.width_divisor == 16                        # shipped field kept
+    assert lib.resolve("NewModel", "default").config.is_dense
+    assert "mine" in lib.preset_names() and "only" in lib.preset_names()
+
+
+def test_malformed_user_yaml_keeps_every_shipped_preset(tmp_path):
+    lib = store(tmp_path, "Wan2.1_1.3b:\n  attention_configs:\n    x: {type: psa\n")[0].library()
+    shipped = store(tmp_path / "clean")[0].library()
+    assert {k: v.attention_configs for k, v in lib.sections.items()} == \
+           {k: v.attention_configs for k, v in shipped.sections.items()}
+    assert len(lib.problems) == 1 and "malformed YAML" in lib.problems[0] and "line 4" in lib.problems[0]
+
+
+def test_bad_user_preset_or_field_falls_back_to_shipped(tmp_path):
+    user_text = """
+Wan2.1_14b:
+  video_scale: {width_divisor: 0}
+  attention_configs:
+    psa_balanced: {type: psa, mask_ratios: {1: [0.0, 0.5], 0: [0.6, 1.0]}}
+    broken: {type: psa, block_size: {m: 100}}
+"""
+    lib = store(tmp_path, user_text)[0].library()
+    section = lib.sections["Wan2.1_14b"]
+    assert section.attention_configs["psa_balanced"].mask_ratios[1] == (0.0, 0.4)
+    assert "broken" not in section.attention_configs
+    assert section.video_scale.width_divisor == 16
+    text = "\n".join(lib.problems)
+    assert "mask_ratios.0" in text and "block_size.m" in text and "video_scale.width_divisor" in text
+
+
+def test_save_new_unchanged_taken_and_overwrite(tmp_path):
+    st, user = store(tmp_path)
+    fast = PSAConfig(warmup_steps=2)
+    assert st.save("Wan2.1_1.3b", "fast", fast, overwrite=False) == "saved"
+    assert st.library().resolve("Wan2.1_1.3b", "fast").config == fast
+    assert st.save("Wan2.1_1.3b", "fast", fast, overwrite=False) == "unchanged"
+    before = user.read_bytes()
+    with pytest.raises(ConfigError, match="'fast' already exists in section 'Wan2.1_1.3b'.*overwrite"):
+        st.save("Wan2.1_1.3b", "fast", fast.replace(warmup_steps=3), overwrite=False)
+    with pytest.raises(ConfigError, match="already exists"):
+        st.save("Wan2.1_1.3b", "psa_topk", fast, overwrite=False)   # shipped names are taken too
+    assert user.read_bytes() == before
+    assert st.save("Wan2.1_1.3b", "psa_topk", fast, overwrite=True) == "overwritten"
+    assert st.library().resolve("Wan2.1_1.3b", "psa_topk").config == fast
+    assert yaml.safe_load(SHIPPED.read_text())["Wan2.1_1.3b"]["attention_configs"]["psa_topk"]["warmup_steps"] == 15
+
+
+@pytest.mark.parametrize("name", ["", "default", "has space", "../x", "-lead"])
+def test_save_rejects_bad_names(tmp_path, name):
+    with pytest.raises(ConfigError, match="save_name"):
+        store(tmp_path)[0].save("Wan2.1_1.3b", name, PSAConfig(), overwrite=False)
+
+
+def test_save_refuses_to_touch_a_malformed_user_file(tmp_path):
+    st, user = store(tmp_path, "a: [\n")
+    with pytest.raises(ConfigError, match="cannot save: .*malformed YAML.*nothing was written"):
+        st.save("Wan2.1_1.3b", "x", PSAConfig(), overwrite=False)
+    assert user.read_text() == "a: [\n"
+
+
+def test_user_file_location_from_env(tmp_path, monkeypatch):
+    target = tmp_path / "elsewhere.yaml"
+    monkeypatch.setenv(presets.USER_FILE_ENV, str(target))
+    st = presets.PresetStore()
+    assert st.user == target
+    st.save("Wan2.2_5B", "mine", PSAConfig(), overwrite=False)
+    assert "mine" in yaml.safe_load(target.read_text())["Wan2.2_5B"]["attention_configs"]
+
+
+def test_preset_prints_as_yaml(tmp_path):
+    p = store(tmp_path)[0].library().resolve("Wan2.1_1.3b", "psa_topk")
+    text = str(p)
+    assert text.startswith("# section: Wan2.1_1.3b")
+    assert PSAConfig.from_dict(yaml.safe_load(text)["psa_topk"]) == p.config
