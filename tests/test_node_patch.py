@@ -1,6 +1,4 @@
 """Apply PSA's per-forward context and attention routing, driven directly (no ComfyUI)."""
-
-import pytest
 import torch
 
 from pack_import import pack_module
@@ -15,9 +13,11 @@ CFG = PSAConfig.from_dict({"type": "psa", "block_size": {"m": 32, "n": 32, "tile
 GRID = (2, 8, 8)
 SIGMAS = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
 
+
 def test_token_grid_pads_to_the_patch_and_adds_extra_frames():
     assert patch.token_grid((1, 16, 21, 60, 104), (1, 2, 2)) == (21, 30, 52)
     assert patch.token_grid((1, 16, 3, 31, 33), (1, 2, 2), extra_frames=1) == (4, 16, 17)
+
 
 def test_step_index_counts_within_the_sampler_run():
     assert patch.step_index(SIGMAS, torch.tensor([1.0, 1.0])) == (0, 4)
@@ -25,6 +25,7 @@ def test_step_index_counts_within_the_sampler_run():
     assert patch.step_index(SIGMAS, torch.tensor([0.6])) == (1, 4)   # a second-stage call of step 1
     assert patch.step_index(SIGMAS, torch.tensor([0.01])) == (3, 4)
     assert patch.step_index(None, torch.tensor([0.5])) is None
+
 
 def test_schedule_reason():
     r = patch.schedule_reason
@@ -34,9 +35,11 @@ def test_schedule_reason():
     assert r(3, (7, 10), warmup_steps=2, dense_first_blocks=1, dense_last_steps=2) is None
     assert r(3, None, warmup_steps=2, dense_first_blocks=1, dense_last_steps=2) is None
 
+
 class Model:
     patch_size = (1, 2, 2)
     ref_conv = None
+
 
 class Executor:
     """Stands where ComfyUI's WrapperExecutor calls the model: records what attention saw."""
@@ -48,22 +51,27 @@ class Executor:
     def __call__(self, x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kw):
         return [self_attn(transformer_options) for self_attn in self.attn_calls]
 
+
 def qkv(L, B=2, H=2, D=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(B, L, H * D, generator=g) for _ in range(3)]
 
+
 def model_attention(q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False, **kw):
     return ("model", q.shape)
+
 
 def make_patch(cfg=CFG, **kw):
     p = patch.PSAModelPatch(presets.PSAPreset("s", "p", cfg), **kw)
     to = {patch.OVERRIDE_KEY: p, "sample_sigmas": SIGMAS}
     return p, to
 
+
 def forward(p, to, sigma, calls, context_len=16, latent_t=2):
     x = torch.zeros(2, 16, latent_t, 16, 16)
     return p.forward_wrapper(Executor(calls), x, torch.zeros(2), torch.zeros(2, context_len, 64), None, None,
                              {**to, "sigmas": torch.tensor([sigma, sigma])})
+
 
 def test_self_attention_goes_to_psa_cross_attention_to_the_model():
     p, to = make_patch()
@@ -77,12 +85,14 @@ def test_self_attention_goes_to_psa_cross_attention_to_the_model():
     assert torch.equal(out[0], want.transpose(1, 2).reshape(2, 128, 64))
     assert out[1][0] == "model"
 
+
 def test_skip_reshape_layout_is_kept():
     p, to = make_patch()
     q, k, v = (t.view(2, 128, 2, 32).transpose(1, 2) for t in qkv(128))
     out = forward(p, to, 0.5, [lambda o: p(model_attention, q, k, v, heads=2, skip_reshape=True,
                                            skip_output_reshape=True, transformer_options=o)])
     assert torch.equal(out[0], psa_attention(q, k, v, CFG, grid=GRID))
+
 
 def test_schedule_dense_preset_masks_and_ambiguous_lengths_use_the_model():
     q, k, v = qkv(128)
@@ -103,10 +113,12 @@ def test_schedule_dense_preset_masks_and_ambiguous_lengths_use_the_model():
     p, to = make_patch()
     assert forward(p, to, 0.5, [call(p)], context_len=128)[0][0] == "model"  # text length == video tokens
 
+
 def test_outside_a_patched_forward_the_override_is_transparent():
     p, _ = make_patch()
     q, k, v = qkv(128)
     assert p(model_attention, q, k, v, heads=2, transformer_options={})[0] == "model"
+
 
 def test_verbose_logs_density_per_step_and_block(caplog):
     p, to = make_patch(cfg=CFG.replace(verbose=True), dense_first_blocks=1)
