@@ -8,4 +8,3 @@ kernels) load when ComfyUI asks for them.
 async def comfy_entrypoint():
     from .nodes.nodes import PSAExtension
     return PSAExtension()
-
