@@ -99,7 +99,7 @@ def main():
             "total": bench(lambda: psa_attention(q, k, v, cfg, grid)),
             "arrange": bench(lambda: (arrange(q, perm), arrange(k, perm), arrange(v, perm))),
             "estimate": bench(lambda: estimate.estimate_triton(qa, ka, m, n)),
-            "levels": bench(lambda: levels_mod.assign_levels(scores, cfg)),
+            "levels": bench(lambda: levels_mod.assign_levels_triton(scores, cfg)),
             "sim_guard": bench(lambda: levels_mod.apply_similarity_guard(plan.levels, sim, cfg))
             if cfg.use_sim_mask else 0.0,
             "pyramid": bench(lambda: pyramid.build_pyramid_triton(ka, va, n, L, cfg.use_sim_mask)),

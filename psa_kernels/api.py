@@ -82,7 +82,8 @@ def psa_plan(q: torch.Tensor, k: torch.Tensor, cfg: PSAConfig, grid, text_len: i
         nqb, nkb = scores.shape[-2:]
         text_q = torch.arange(nqb, device=q.device) * m + m > video_len
         text_k = torch.arange(nkb, device=q.device) * n + n > video_len
-    lv = levels_mod.assign_levels(scores, cfg, text_q, text_k)
+    assign = levels_mod.assign_levels_triton if backend == "triton" else levels_mod.assign_levels
+    lv = assign(scores, cfg, text_q, text_k)
     pyr = None
     if backend == "triton":
         # The pyramid pass reads every key block anyway; it measures key similarity on the way.

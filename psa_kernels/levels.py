@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 
 import torch
+import triton
+import triton.language as tl
 
 from .config import POOLED_LEVELS, PSAConfig
 
@@ -57,11 +59,87 @@ def assign_levels(scores: torch.Tensor, cfg: PSAConfig,
     by_rank = by_rank.clone()
     by_rank[..., :1] = torch.where(empty, torch.ones_like(by_rank[..., :1]), by_rank[..., :1])
     levels = torch.empty_like(by_rank).scatter_(-1, order, by_rank)
+    _text_full(levels, text_q_blocks, text_k_blocks)
+    return levels
+
+
+@triton.jit
+def _level_of(x, lv_now, lvl, lo, hi, CLOSED_AT_ONE: tl.constexpr):
+    """Give level ``lvl`` where x is in [lo, hi) and no level is set yet; with CLOSED_AT_ONE a
+    range reaching 1.0 also takes x == 1 (cumulative shares)."""
+    inside = (x >= lo) & (x < hi)
+    if CLOSED_AT_ONE:
+        inside = inside | ((x >= lo) & (hi >= 1.0))
+    return tl.where(inside & (lv_now == 0), lvl, lv_now)
+
+
+@triton.jit
+def _assign_levels_kernel(Scores, Out, nkb, keep, r1lo, r1hi, r2lo, r2hi, r4lo, r4hi, r8lo, r8hi,
+                          THRESHOLD: tl.constexpr, NKB: tl.constexpr):
+    # One program: one (batch, head, query block) row. The row is ranked by one sort of
+    # int64 keys (score bits high, reversed block index low: ties keep the lower index first,
+    # as a stable descending torch.sort does), then levels go by rank and are scattered back.
+    row = tl.program_id(0)
+    idx = tl.arange(0, NKB)
+    valid = idx < nkb
+    sc = tl.load(Scores + row * nkb + idx, mask=valid, other=0.0)
+    bits = sc.to(tl.int32, bitcast=True).to(tl.int64)
+    key = tl.where(valid, (bits << 32) | (NKB - 1 - idx).to(tl.int64), -1)
+    key = tl.sort(key, descending=True)
+    order = NKB - 1 - (key & 0xFFFFFFFF).to(tl.int32)
+    ranked = (key >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    rank = idx
+    lv = tl.zeros([NKB], tl.int32)
+    if THRESHOLD:
+        ranked = tl.where(rank < nkb, ranked, 0.0)
+        total = tl.maximum(tl.sum(ranked, 0), 1e-30)
+        x = (tl.cumsum(ranked, 0) - ranked) / total
+    else:
+        x = rank.to(tl.float32)  # topk: the ranges are rank bounds, given as ranks
+    lv = _level_of(x, lv, 1, r1lo, r1hi, THRESHOLD)
+    lv = _level_of(x, lv, 2, r2lo, r2hi, THRESHOLD)
+    lv = _level_of(x, lv, 4, r4lo, r4hi, THRESHOLD)
+    lv = _level_of(x, lv, 8, r8lo, r8hi, THRESHOLD)
+    lv = tl.where(rank < keep, 1, lv)
+    # no row may be empty: the best block of a row with nothing kept becomes level 1
+    nonzero = tl.sum(((lv != 0) & (rank < nkb)).to(tl.int32), 0)
+    lv = tl.where((rank == 0) & (nonzero == 0), 1, lv)
+    tl.store(Out + row * nkb + order, lv.to(tl.int8), mask=rank < nkb)
+
+
+def assign_levels_triton(scores: torch.Tensor, cfg: PSAConfig,
+                         text_q_blocks: torch.Tensor | None = None,
+                         text_k_blocks: torch.Tensor | None = None) -> torch.Tensor:
+    """Same levels as :func:`assign_levels`, one Triton program per row.
+
+    Cumulative sums are taken in another order than torch's, so a block whose preceding
+    mass lies within rounding of a range boundary may land on the other side."""
+    nkb = scores.shape[-1]
+    scores = scores.contiguous()
+    out = torch.empty(scores.shape, dtype=torch.int8, device=scores.device)
+    threshold = cfg.mask_mode == "thresholdbound"
+    bounds = []
+    for lvl in (1, 2, 4, 8):
+        if lvl not in cfg.mask_ratios:
+            bounds += [2.0 * nkb + 2.0] * 2  # an absent level matches nothing
+            continue
+        lo, hi = cfg.mask_ratios[lvl]
+        if not threshold:  # topk: rank r gets the level when floor(lo*N+0.5) <= r < floor(hi*N+0.5)
+            lo, hi = float(math.floor(lo * nkb + 0.5)), float(math.floor(hi * nkb + 0.5))
+        bounds += [lo, hi]
+    keep = max(1, math.ceil(MIN_FULL_SHARE * nkb)) if threshold else 0
+    _assign_levels_kernel[(scores.numel() // nkb,)](
+        scores, out, nkb, keep, *bounds, THRESHOLD=threshold, NKB=triton.next_power_of_2(nkb), num_warps=4)
+    _text_full(out, text_q_blocks, text_k_blocks)
+    return out
+
+
+def _text_full(levels: torch.Tensor, text_q_blocks, text_k_blocks) -> None:
+    """Pairs with a text query block or a text key block are level 1 (in place)."""
     if text_k_blocks is not None and bool(text_k_blocks.any()):
         levels[..., text_k_blocks] = 1
     if text_q_blocks is not None and bool(text_q_blocks.any()):
         levels[..., text_q_blocks, :] = 1
-    return levels
 
 
 def key_similarity(k: torch.Tensor, n: int, L: int) -> torch.Tensor:
