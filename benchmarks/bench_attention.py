@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from psa_kernels import PSAConfig, psa_attention, psa_plan  # noqa: E402
 from psa_kernels import estimate, levels as levels_mod, pyramid  # noqa: E402
-from psa_kernels.layout import arrange, restore, sequence_permutation  # noqa: E402
+from psa_kernels.layout import arrange, sequence_permutation  # noqa: E402
 from psa_kernels.synthetic import relative_l2, structured_qkv  # noqa: E402
 
 PRESETS = {
@@ -44,6 +44,16 @@ PRESETS = {
 def bench(fn, reps=30):
     import triton.testing
     return triton.testing.do_bench(fn, warmup=10, rep=reps, return_mode="median")
+
+
+def peak_bytes(fn) -> int:
+    """Device memory a call allocates at its peak, beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
 
 
 def main():
@@ -72,6 +82,8 @@ def main():
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         times["dense_flash"] = bench(lambda: sdpa(q, k, v))
     dense_flops = 4 * B * H * L * L * D
+    qkv_bytes = 3 * q.numel() * q.element_size()
+    peak_dense = peak_bytes(lambda: sdpa(q, k, v))
     print(f"dense cudnn {times['dense_cudnn']:.3f} ms ({dense_flops / times['dense_cudnn'] / 1e9:.0f} TFLOP/s)"
           f"  flash {times['dense_flash']:.3f} ms", flush=True)
 
@@ -86,28 +98,29 @@ def main():
         if args.check:
             ref_out = psa_attention(q, k, v, cfg, grid, plan=dataclasses.replace(plan, backend="torch"))
             r["err_triton_vs_ref"] = relative_l2(out, ref_out)
-            r["est_maxdiff"] = float((estimate.estimate_triton(arrange(q, plan.perm), arrange(k, plan.perm), m, n)
+            r["est_maxdiff"] = float((estimate.estimate_triton(q, k, m, n, plan.perm)
                                       - estimate.estimate_reference(arrange(q, plan.perm), arrange(k, plan.perm), m, n)).abs().max())
-        # stages
-        perm, inv = sequence_permutation(grid, 0, False, cfg.rearrange_method, tuple(cfg.tile_size), cfg.use_rearrange, q.device)
-        qa, ka, va = arrange(q, perm), arrange(k, perm), arrange(v, perm)
-        scores = estimate.estimate_triton(qa, ka, m, n)
-        pyr, sim = pyramid.build_pyramid_triton(ka, va, n, L, cfg.use_sim_mask)
+        # stages, as psa_attention runs them on the Triton path (the layout is read through perm)
+        perm, _ = sequence_permutation(grid, 0, False, cfg.rearrange_method, tuple(cfg.tile_size),
+                                       cfg.use_rearrange, q.device)
+        scores = estimate.estimate_triton(q, k, m, n, perm)
+        pyr, sim = pyramid.build_pyramid_triton(k, v, n, L, cfg.use_sim_mask, perm)
         sched = pyramid.build_schedule(plan.levels, pyr, packed=cfg.attn_impl == "new_mask_type")
-        o = torch.empty_like(qa)
+        o = torch.empty_like(q)
         t = {
             "total": bench(lambda: psa_attention(q, k, v, cfg, grid)),
-            "arrange": bench(lambda: (arrange(q, perm), arrange(k, perm), arrange(v, perm))),
-            "estimate": bench(lambda: estimate.estimate_triton(qa, ka, m, n)),
+            "estimate": bench(lambda: estimate.estimate_triton(q, k, m, n, perm)),
             "levels": bench(lambda: levels_mod.assign_levels_triton(scores, cfg)),
             "sim_guard": bench(lambda: levels_mod.apply_similarity_guard(plan.levels, sim, cfg))
             if cfg.use_sim_mask else 0.0,
-            "pyramid": bench(lambda: pyramid.build_pyramid_triton(ka, va, n, L, cfg.use_sim_mask)),
+            "pyramid": bench(lambda: pyramid.build_pyramid_triton(k, v, n, L, cfg.use_sim_mask, perm)),
             "schedule": bench(lambda: pyramid.build_schedule(plan.levels, pyr, cfg.attn_impl == "new_mask_type")),
-            "kernel": bench(lambda: pyramid.attention_triton(qa, pyr, sched, m, out=o)),
-            "restore": bench(lambda: restore(o, inv)),
+            "kernel": bench(lambda: pyramid.attention_triton(q, pyr, sched, m, out=o, perm=perm)),
         }
         work_flops = float(sched.num_tiles.sum()) * 4 * m * sched.tile_n * D
+        del pyr, sched, o, scores, sim
+        peak = peak_bytes(lambda: psa_attention(q, k, v, cfg, grid))
+        r["extra_memory_vs_dense_over_qkv"] = (peak - peak_dense) / qkv_bytes
         r.update({"ms": t, "speedup_vs_cudnn": times["dense_cudnn"] / t["total"],
                   "kernel_tflops": work_flops / t["kernel"] / 1e9,
                   "kernel_vs_cudnn_throughput": (work_flops / t["kernel"]) / (dense_flops / times["dense_cudnn"]),
@@ -122,7 +135,8 @@ def main():
                 for nw in (4, 8):
                     for ns in (2, 3, 4):
                         try:
-                            ms = bench(lambda: pyramid.attention_triton(qa, pyr, sc, m, out=o, num_warps=nw, num_stages=ns))
+                            ms = bench(lambda: pyramid.attention_triton(q, pyr, sc, m, out=o, num_warps=nw,
+                                                                        num_stages=ns, perm=perm))
                             sweep[f"tile{tn}_w{nw}_s{ns}"] = (round(ms, 3), round(wf / ms / 1e9))
                         except Exception as e:  # resources exceeded for this config
                             sweep[f"tile{tn}_w{nw}_s{ns}"] = str(e)[:60]
@@ -133,12 +147,14 @@ def main():
     Path(args.out).write_text(json.dumps({"shape": [B, H, L, D], "grid": grid, "dense_ms": times, "rows": rows}, indent=1))
     print(f"\n{torch.cuda.get_device_name()}  B={B} H={H} L={L} D={D} bf16; dense cuDNN {times['dense_cudnn']:.2f} ms,"
           f" flash {times['dense_flash']:.2f} ms")
-    hdr = f"{'preset':18s} {'dens':>5s} {'err':>6s} {'total':>6s} {'x':>5s} {'arr':>5s} {'est':>5s} {'lev':>5s} {'sim':>5s} {'pyr':>5s} {'sch':>5s} {'kern':>6s} {'kTF':>5s} {'k/cud':>5s}"
+    print("memory: PSA peak minus dense SDPA peak, as a share of q+k+v: "
+          + ", ".join(f"{r['preset']} {r['extra_memory_vs_dense_over_qkv']:+.2f}" for r in rows))
+    hdr = f"{'preset':18s} {'dens':>5s} {'err':>6s} {'total':>6s} {'x':>5s} {'est':>5s} {'lev':>5s} {'sim':>5s} {'pyr':>5s} {'sch':>5s} {'kern':>6s} {'kTF':>5s} {'k/cud':>5s}"
     print(hdr)
     for r in rows:
         t = r["ms"]
         print(f"{r['preset']:18s} {r['density']:5.3f} {r['err_vs_dense']:6.3f} {t['total']:6.2f} {r['speedup_vs_cudnn']:5.2f} "
-              f"{t['arrange']:5.2f} {t['estimate']:5.2f} {t['levels']:5.2f} {t['sim_guard']:5.2f} {t['pyramid']:5.2f} "
+              f"{t['estimate']:5.2f} {t['levels']:5.2f} {t['sim_guard']:5.2f} {t['pyramid']:5.2f} "
               f"{t['schedule']:5.2f} {t['kernel']:6.2f} {r['kernel_tflops']:5.0f} {r['kernel_vs_cudnn_throughput']:5.2f}"
               + (f"  chk {r['err_triton_vs_ref']:.1e}" if "err_triton_vs_ref" in r else ""))
 

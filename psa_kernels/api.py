@@ -53,6 +53,11 @@ def _check_inputs(q, k, v, grid, text_len) -> tuple[int, int, int]:
     return T, Hh, W
 
 
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    """The kernels take any strides but need unit stride along the head dimension."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def _pick_backend(q: torch.Tensor, backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}; allowed: {', '.join(BACKENDS)}")
@@ -74,22 +79,23 @@ def psa_plan(q: torch.Tensor, k: torch.Tensor, cfg: PSAConfig, grid, text_len: i
     video_len = L - text_len
     perm, inv = sequence_permutation(tuple(int(g) for g in grid), text_len, text_first,
                                      cfg.rearrange_method, tuple(cfg.tile_size), cfg.use_rearrange, q.device)
-    qa, ka = arrange(q, perm), arrange(k, perm)
-    est = estimate.estimate_triton if backend == "triton" else estimate.estimate_reference
-    scores = est(qa, ka, m, n)
-    text_q = text_k = None
-    if text_len:
-        nqb, nkb = scores.shape[-2:]
-        text_q = torch.arange(nqb, device=q.device) * m + m > video_len
-        text_k = torch.arange(nkb, device=q.device) * n + n > video_len
-    assign = levels_mod.assign_levels_triton if backend == "triton" else levels_mod.assign_levels
-    lv = assign(scores, cfg, text_q, text_k)
-    pyr = None
+    nqb, nkb = -(-L // m), -(-L // n)
+    text_q = torch.arange(nqb, device=q.device) * m + m > video_len if text_len else None
+    text_k = torch.arange(nkb, device=q.device) * n + n > video_len if text_len else None
+    pyr = sim = None
     if backend == "triton":
-        # The pyramid pass reads every key block anyway; it measures key similarity on the way.
-        pyr, sim = pyramid.build_pyramid_triton(ka, arrange(v, perm), n, L, cfg.use_sim_mask)
-    elif cfg.use_sim_mask:
-        sim = levels_mod.key_similarity(ka, n, L)
+        # The kernels read the arranged order through perm, so nothing is copied; the pyramid
+        # pass reads every key block anyway and measures key similarity on the way.
+        q, k, v = (_unit_stride(t) for t in (q, k, v))
+        scores = estimate.estimate_triton(q, k, m, n, perm)
+        lv = levels_mod.assign_levels_triton(scores, cfg, text_q, text_k)
+        pyr, sim = pyramid.build_pyramid_triton(k, v, n, L, cfg.use_sim_mask, perm)
+    else:
+        qa, ka = arrange(q, perm), arrange(k, perm)
+        scores = estimate.estimate_reference(qa, ka, m, n)
+        lv = levels_mod.assign_levels(scores, cfg, text_q, text_k)
+        if cfg.use_sim_mask:
+            sim = levels_mod.key_similarity(ka, n, L)
     if cfg.use_sim_mask:
         lv = levels_mod.apply_similarity_guard(lv, sim, cfg)
     return PSAPlan(perm, inv, scores, lv, video_len, backend, pyr)
@@ -119,15 +125,14 @@ def psa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PSACon
         plan = psa_plan(q, k, cfg, grid, text_len, text_first, backend, v=v)
     m, n = cfg.block_size.m, cfg.block_size.n
     L = q.shape[2]
-    qa = arrange(q, plan.perm)
     if plan.backend == "triton":
+        q = _unit_stride(q)
         pyr = plan.pyramid
         if pyr is None:
-            pyr, _ = pyramid.build_pyramid_triton(arrange(k, plan.perm), arrange(v, plan.perm), n, L)
+            pyr, _ = pyramid.build_pyramid_triton(_unit_stride(k), _unit_stride(v), n, L, perm=plan.perm)
         sched = pyramid.build_schedule(plan.levels, pyr, packed=cfg.attn_impl == "new_mask_type")
-        out = pyramid.attention_triton(qa.contiguous() if qa.stride(-1) != 1 else qa, pyr, sched, m)
+        out = pyramid.attention_triton(q, pyr, sched, m, perm=plan.perm)
     else:
         pyr = pyramid.build_pyramid(arrange(k, plan.perm), arrange(v, plan.perm), n, L)
-        out = pyramid.attention_reference(qa, pyr, plan.levels, m)
-    out = restore(out, plan.inv)
+        out = restore(pyramid.attention_reference(arrange(q, plan.perm), pyr, plan.levels, m), plan.inv)
     return (out, plan.stats()) if return_stats else out

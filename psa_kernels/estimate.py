@@ -55,10 +55,11 @@ def estimate_reference(q: torch.Tensor, k: torch.Tensor, m: int, n: int) -> torc
 
 
 @triton.jit
-def _estimate_kernel(Q, K, Out, L, nqb, nkb, sm_scale_log2,
+def _estimate_kernel(Q, K, Out, Perm, L, nqb, nkb, sm_scale_log2,
                      sqb, sqh, sql, skb, skh, skl, sob, soh, soq,
                      H: tl.constexpr, D: tl.constexpr, M: tl.constexpr, N: tl.constexpr,
-                     SQ: tl.constexpr, SK: tl.constexpr, QBLOCKS: tl.constexpr, KBLOCKS: tl.constexpr):
+                     SQ: tl.constexpr, SK: tl.constexpr, QBLOCKS: tl.constexpr, KBLOCKS: tl.constexpr,
+                     HAS_PERM: tl.constexpr):
     # One program: QBLOCKS query blocks of one (batch, head), so the sampled queries fill a
     # tensor-core tile. Two passes over the sampled keys: the first finds each sampled
     # query's softmax max and normaliser, the second sums the probabilities per key block.
@@ -76,6 +77,8 @@ def _estimate_kernel(Q, K, Out, L, nqb, nkb, sm_scale_log2,
     qrow = qblk * M + (i % SQ) * q_stride + q_stride // 2
     qvalid = ((qrow < L) | (i % SQ == 0)) & (qblk < nqb)
     qrow = tl.minimum(qrow, L - 1)
+    if HAS_PERM:  # rows are positions in the arranged order; read them where the caller has them
+        qrow = tl.load(Perm + qrow)
     dd = tl.arange(0, D)
     q = tl.load(Q + b * sqb + h * sqh + qrow[:, None] * sql + dd[None, :], mask=qvalid[:, None], other=0.0)
     kbase = K + b * skb + h * skh
@@ -89,6 +92,8 @@ def _estimate_kernel(Q, K, Out, L, nqb, nkb, sm_scale_log2,
         krow = kblk * N + (kk % SK) * k_stride + k_stride // 2
         kvalid = ((krow < L) | (kk % SK == 0)) & (kblk < nkb)
         krow = tl.minimum(krow, L - 1)
+        if HAS_PERM:
+            krow = tl.load(Perm + krow)
         kt = tl.load(kbase + krow[None, :] * skl + dd[:, None], mask=kvalid[None, :], other=0.0)
         s = tl.where(kvalid[None, :], tl.dot(q, kt) * sm_scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -106,6 +111,8 @@ def _estimate_kernel(Q, K, Out, L, nqb, nkb, sm_scale_log2,
         krow = kblk * N + (kk % SK) * k_stride + k_stride // 2
         kvalid = ((krow < L) | (kk % SK == 0)) & (kblk < nkb)
         krow = tl.minimum(krow, L - 1)
+        if HAS_PERM:
+            krow = tl.load(Perm + krow)
         kt = tl.load(kbase + krow[None, :] * skl + dd[:, None], mask=kvalid[None, :], other=0.0)
         s = tl.dot(q, kt) * sm_scale_log2
         p = tl.where(kvalid[None, :], tl.exp2(s - m_i[:, None]) * w[:, None], 0.0)
@@ -116,8 +123,10 @@ def _estimate_kernel(Q, K, Out, L, nqb, nkb, sm_scale_log2,
                  mask=(jq < nqb)[:, None] & (kb < nkb)[None, :])
 
 
-def estimate_triton(q: torch.Tensor, k: torch.Tensor, m: int, n: int) -> torch.Tensor:
-    """Same function as :func:`estimate_reference`, as a Triton kernel."""
+def estimate_triton(q: torch.Tensor, k: torch.Tensor, m: int, n: int,
+                    perm: torch.Tensor | None = None) -> torch.Tensor:
+    """Same function as :func:`estimate_reference`, as a Triton kernel. With ``perm`` the
+    inputs are in the caller's order and are read as ``x[..., perm, :]`` without a copy."""
     B, H, L, D = q.shape
     sq, sk = sample_counts(m, n)
     nqb, nkb = -(-L // m), -(-L // n)
@@ -130,9 +139,9 @@ def estimate_triton(q: torch.Tensor, k: torch.Tensor, m: int, n: int) -> torch.T
     kblocks = max(1, 64 // sk)
     sm_scale_log2 = (1.0 / math.sqrt(D)) * 1.4426950408889634
     _estimate_kernel[(triton.cdiv(nqb, qblocks), B * H)](
-        q, k, out, L, nqb, nkb, sm_scale_log2,
+        q, k, out, perm if perm is not None else out, L, nqb, nkb, sm_scale_log2,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         H=H, D=D, M=m, N=n, SQ=sq, SK=sk, QBLOCKS=qblocks, KBLOCKS=kblocks,
-        num_warps=4)
+        HAS_PERM=perm is not None, num_warps=4)
     return out

@@ -83,9 +83,10 @@ def _group_end_cosine(xn, valid, P: tl.constexpr, N: tl.constexpr, D: tl.constex
 
 
 @triton.jit
-def _pyramid_build_kernel(K, V, KP, VP, Bias, SimSum, SimCnt, L, rows1,
+def _pyramid_build_kernel(K, V, KP, VP, Bias, SimSum, SimCnt, Perm, L, rows1,
                           skb, skh, skl, svb, svh, svl, spb, sph, spl, sim_bh,
-                          H: tl.constexpr, D: tl.constexpr, CH: tl.constexpr, WITH_SIM: tl.constexpr):
+                          H: tl.constexpr, D: tl.constexpr, CH: tl.constexpr, WITH_SIM: tl.constexpr,
+                          HAS_PERM: tl.constexpr):
     # One program: one chunk of CH rows (a key block or a piece of one) of one (batch, head).
     # Pooling groups (at most 8 rows) never cross a chunk, so chunks are independent.
     c = tl.program_id(0)
@@ -94,9 +95,12 @@ def _pyramid_build_kernel(K, V, KP, VP, Bias, SimSum, SimCnt, L, rows1,
     h = bh % H
     r = c * CH + tl.arange(0, CH)
     valid = r < L
+    src = r
+    if HAS_PERM:  # gather the arranged order straight from the caller's
+        src = tl.load(Perm + r, mask=valid, other=0)
     dd = tl.arange(0, D)
-    k = tl.load(K + b * skb + h * skh + r[:, None] * skl + dd[None, :], mask=valid[:, None], other=0.0)
-    v = tl.load(V + b * svb + h * svh + r[:, None] * svl + dd[None, :], mask=valid[:, None], other=0.0)
+    k = tl.load(K + b * skb + h * skh + src[:, None] * skl + dd[None, :], mask=valid[:, None], other=0.0)
+    v = tl.load(V + b * svb + h * svh + src[:, None] * svl + dd[None, :], mask=valid[:, None], other=0.0)
     kp = KP + b * spb + h * sph
     vp = VP + b * spb + h * sph
     tl.store(kp + r[:, None] * spl + dd[None, :], k)
@@ -137,9 +141,11 @@ def _store_pooled(kf, vf, valid, kp, vp, Bias, write_bias, base, c, spl,
 
 
 def build_pyramid_triton(k: torch.Tensor, v: torch.Tensor, n: int, L: int,
-                         with_similarity: bool = False) -> tuple[Pyramid, torch.Tensor | None]:
+                         with_similarity: bool = False,
+                         perm: torch.Tensor | None = None) -> tuple[Pyramid, torch.Tensor | None]:
     """Same pyramid as :func:`build_pyramid` in one pass over k and v; with ``with_similarity``
-    also the key similarity of :func:`levels.key_similarity` ([B, H, nkb, 3])."""
+    also the key similarity of :func:`levels.key_similarity` ([B, H, nkb, 3]). With ``perm``,
+    k and v are in the caller's order and are arranged on the way."""
     B, H, _, D = k.shape
     nkb = -(-L // n)
     rows1 = nkb * n
@@ -155,10 +161,10 @@ def build_pyramid_triton(k: torch.Tensor, v: torch.Tensor, n: int, L: int,
     else:
         sim_sum = sim_cnt = bias
     _pyramid_build_kernel[(nchunks, B * H)](
-        k, v, kp, vp, bias, sim_sum, sim_cnt, L, rows1,
+        k, v, kp, vp, bias, sim_sum, sim_cnt, perm if perm is not None else bias, L, rows1,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         kp.stride(0), kp.stride(1), kp.stride(2), nchunks * 3,
-        H=H, D=D, CH=chunk, WITH_SIM=with_similarity, num_warps=4)
+        H=H, D=D, CH=chunk, WITH_SIM=with_similarity, HAS_PERM=perm is not None, num_warps=4)
     base = {1: 0, 2: rows1, 4: rows1 + rows1 // 2, 8: rows1 + rows1 // 2 + rows1 // 4}
     sim = None
     if with_similarity:
@@ -298,12 +304,13 @@ def build_schedule(levels: torch.Tensor, pyr: Pyramid, packed: bool, tile_n: int
 
 # ------------------------------------------------------------------------- kernel
 @triton.jit
-def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, NumTiles, Segs,
+def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, NumTiles, Segs, Perm,
                          L, sm_scale_log2,
                          sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
                          s_tl, s_seg,
                          H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                         N: tl.constexpr, TILE_N: tl.constexpr, PACKED: tl.constexpr):
+                         N: tl.constexpr, TILE_N: tl.constexpr, PACKED: tl.constexpr,
+                         HAS_PERM: tl.constexpr):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -311,8 +318,12 @@ def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, NumTiles, Seg
     row = bh * tl.num_programs(0) + qb  # (b, h, qb) row of the schedule
 
     rm = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    qmask = rm < L
+    src = rm
+    if HAS_PERM:  # queries are read from, and outputs written to, the caller's order
+        src = tl.load(Perm + rm, mask=qmask, other=0)
     dd = tl.arange(0, D)
-    q = tl.load(Q + b * sqb + h * sqh + rm[:, None] * sql + dd[None, :], mask=(rm < L)[:, None], other=0.0)
+    q = tl.load(Q + b * sqb + h * sqh + src[:, None] * sql + dd[None, :], mask=qmask[:, None], other=0.0)
     kbase = KP + b * skb + h * skh
     vbase = VP + b * svb + h * svh
     seg_row = Segs + row * s_seg
@@ -358,8 +369,8 @@ def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, NumTiles, Seg
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     acc = acc / l_i[:, None]
-    tl.store(Out + b * sob + h * soh + rm[:, None] * sol + dd[None, :], acc.to(Out.dtype.element_ty),
-             mask=(rm < L)[:, None])
+    tl.store(Out + b * sob + h * soh + src[:, None] * sol + dd[None, :], acc.to(Out.dtype.element_ty),
+             mask=qmask[:, None])
 
 
 def kernel_launch_config(m: int, tile_n: int) -> tuple[int, int]:
@@ -371,8 +382,10 @@ def kernel_launch_config(m: int, tile_n: int) -> tuple[int, int]:
 
 def attention_triton(q: torch.Tensor, pyr: Pyramid, sched: Schedule, m: int,
                      out: torch.Tensor | None = None, num_warps: int | None = None,
-                     num_stages: int | None = None) -> torch.Tensor:
-    """The pyramid attention kernel over a schedule; same function as attention_reference."""
+                     num_stages: int | None = None, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """The pyramid attention kernel over a schedule; same function as attention_reference.
+
+    With ``perm``, q and the output are in the caller's order (arranged = x[..., perm, :])."""
     B, H, L, D = q.shape
     nqb = sched.num_tiles.shape[-1]
     if out is None:
@@ -381,10 +394,10 @@ def attention_triton(q: torch.Tensor, pyr: Pyramid, sched: Schedule, m: int,
     sm_scale_log2 = LOG2E / math.sqrt(D)
     _pyramid_attn_kernel[(nqb, B * H)](
         q, pyr.k, pyr.v, pyr.bias, out, sched.tile_level, sched.tile_seg, sched.num_tiles, sched.segs,
-        L, sm_scale_log2,
+        perm if perm is not None else sched.num_tiles, L, sm_scale_log2,
         q.stride(0), q.stride(1), q.stride(2), pyr.k.stride(0), pyr.k.stride(1), pyr.k.stride(2),
         pyr.v.stride(0), pyr.v.stride(1), pyr.v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         sched.tile_level.stride(2), sched.segs.stride(2),
-        H=H, D=D, BLOCK_M=m, N=pyr.n, TILE_N=sched.tile_n, PACKED=sched.packed,
+        H=H, D=D, BLOCK_M=m, N=pyr.n, TILE_N=sched.tile_n, PACKED=sched.packed, HAS_PERM=perm is not None,
         num_warps=num_warps or warps, num_stages=num_stages or stages)
     return out
