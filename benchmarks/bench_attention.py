@@ -118,13 +118,11 @@ def main():
             "kernel": bench(lambda: pyramid.attention_triton(q, pyr, sched, m, out=o, perm=perm)),
         }
         work_flops = float(sched.num_tiles.sum()) * 4 * m * sched.tile_n * D
-        del pyr, sched, o, scores, sim
-        peak = peak_bytes(lambda: psa_attention(q, k, v, cfg, grid))
-        r["extra_memory_vs_dense_over_qkv"] = (peak - peak_dense) / qkv_bytes
+        r["tiles"] = int(sched.num_tiles.sum())
         r.update({"ms": t, "speedup_vs_cudnn": times["dense_cudnn"] / t["total"],
                   "kernel_tflops": work_flops / t["kernel"] / 1e9,
                   "kernel_vs_cudnn_throughput": (work_flops / t["kernel"]) / (dense_flops / times["dense_cudnn"]),
-                  "tiles": int(sched.num_tiles.sum()), "work_density": work_flops / dense_flops})
+                  "work_density": work_flops / dense_flops})
         if args.sweep:
             sweep = {}
             for tn in (64, 128):
@@ -141,6 +139,9 @@ def main():
                         except Exception as e:  # resources exceeded for this config
                             sweep[f"tile{tn}_w{nw}_s{ns}"] = str(e)[:60]
             r["sweep"] = sweep
+        del pyr, sched, o, scores, sim
+        peak = peak_bytes(lambda: psa_attention(q, k, v, cfg, grid))
+        r["extra_memory_vs_dense_over_qkv"] = (peak - peak_dense) / qkv_bytes
         rows.append(r)
         print(json.dumps(r), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
