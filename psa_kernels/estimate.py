@@ -124,7 +124,8 @@ def _estimate_kernel(Q, K, Out, Perm, L, nqb, nkb, sm_scale_log2,
 
 
 def estimate_triton(q: torch.Tensor, k: torch.Tensor, m: int, n: int,
-                    perm: torch.Tensor | None = None) -> torch.Tensor:
+                    perm: torch.Tensor | None = None, rows: int = 64, tile: int = 64,
+                    num_warps: int = 4) -> torch.Tensor:
     """Same function as :func:`estimate_reference`, as a Triton kernel. With ``perm`` the
     inputs are in the caller's order and are read as ``x[..., perm, :]`` without a copy."""
     B, H, L, D = q.shape
@@ -135,13 +136,13 @@ def estimate_triton(q: torch.Tensor, k: torch.Tensor, m: int, n: int,
     if k.stride(-1) != 1:
         k = k.contiguous()
     out = torch.empty((B, H, nqb, nkb), device=q.device, dtype=torch.float32)
-    qblocks = max(1, 64 // sq)
-    kblocks = max(1, 64 // sk)
+    qblocks = max(1, rows // sq)  # sampled queries of several blocks fill one tensor-core tile
+    kblocks = max(1, tile // sk)
     sm_scale_log2 = (1.0 / math.sqrt(D)) * 1.4426950408889634
     _estimate_kernel[(triton.cdiv(nqb, qblocks), B * H)](
         q, k, out, perm if perm is not None else out, L, nqb, nkb, sm_scale_log2,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         H=H, D=D, M=m, N=n, SQ=sq, SK=sk, QBLOCKS=qblocks, KBLOCKS=kblocks,
-        HAS_PERM=perm is not None, num_warps=4)
+        HAS_PERM=perm is not None, num_warps=num_warps)
     return out

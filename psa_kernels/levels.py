@@ -109,7 +109,8 @@ def _assign_levels_kernel(Scores, Out, nkb, keep, r1lo, r1hi, r2lo, r2hi, r4lo, 
 
 def assign_levels_triton(scores: torch.Tensor, cfg: PSAConfig,
                          text_q_blocks: torch.Tensor | None = None,
-                         text_k_blocks: torch.Tensor | None = None) -> torch.Tensor:
+                         text_k_blocks: torch.Tensor | None = None,
+                         num_warps: int | None = None) -> torch.Tensor:
     """Same levels as :func:`assign_levels`, one Triton program per row.
 
     Cumulative sums are taken in another order than torch's, so a block whose preceding
@@ -129,7 +130,8 @@ def assign_levels_triton(scores: torch.Tensor, cfg: PSAConfig,
         bounds += [lo, hi]
     keep = max(1, math.ceil(MIN_FULL_SHARE * nkb)) if threshold else 0
     _assign_levels_kernel[(scores.numel() // nkb,)](
-        scores, out, nkb, keep, *bounds, THRESHOLD=threshold, NKB=triton.next_power_of_2(nkb), num_warps=4)
+        scores, out, nkb, keep, *bounds, THRESHOLD=threshold, NKB=triton.next_power_of_2(nkb),
+        num_warps=num_warps or (4 if nkb <= 512 else 8 if nkb <= 2048 else 16))
     _text_full(out, text_q_blocks, text_k_blocks)
     return out
 
