@@ -32,7 +32,8 @@ def main():
     ap.add_argument("--arch", choices=ARCH, default="1.3b")
     ap.add_argument("--latent", type=int, nargs=3, default=(21, 60, 104), help="latent frames, height, width")
     ap.add_argument("--section", default="Wan2.1_1.3b")
-    ap.add_argument("--presets", nargs="*", default=None, help="default: every preset of the section")
+    ap.add_argument("--presets", nargs="*", default=None,
+                    help="NAME of the section, or SECTION/NAME from another; default: every preset of the section")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "out"), "bench_wan_forward.json"))
     args = ap.parse_args()
@@ -63,7 +64,8 @@ def main():
     step = 40  # past every shipped preset's warm-up
     t = torch.full((1,), float(sample_sigmas[step]) * 1000, device=dev)
 
-    section = kernels.load_attention_config(REPO / "configs" / "attention_config.yaml")[args.section]
+    sections = kernels.load_attention_config(REPO / "configs" / "attention_config.yaml")
+    section = sections[args.section]
     names = args.presets or list(section.attention_configs)
 
     def forward(to):
@@ -87,7 +89,9 @@ def main():
           f"(tokens {T * Hh * W // 4})  dense forward {dense_s:.3f} s", flush=True)
     rows = []
     for name in names:
-        preset = presets_mod.PSAPreset(args.section, name, section.attention_configs[name])
+        where, _, short = name.rpartition("/")
+        preset = presets_mod.PSAPreset(where or args.section, short,
+                                       sections[where or args.section].attention_configs[short])
         patch = patch_mod.PSAModelPatch(preset)
         to = dict(base_to)
         to["optimized_attention_override"] = patch

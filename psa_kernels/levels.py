@@ -131,9 +131,14 @@ def assign_levels_triton(scores: torch.Tensor, cfg: PSAConfig,
     keep = max(1, math.ceil(MIN_FULL_SHARE * nkb)) if threshold else 0
     _assign_levels_kernel[(scores.numel() // nkb,)](
         scores, out, nkb, keep, *bounds, THRESHOLD=threshold, NKB=triton.next_power_of_2(nkb),
-        num_warps=num_warps or (4 if nkb <= 512 else 8 if nkb <= 2048 else 16))
+        num_warps=num_warps or _level_warps(triton.next_power_of_2(nkb)))
     _text_full(out, text_q_blocks, text_k_blocks)
     return out
+
+
+def _level_warps(nkb_pow2: int) -> int:
+    """Warps of the level kernel, from benchmarks/stage_probe.py on an H100."""
+    return 16 if 512 < nkb_pow2 < 4096 else 4
 
 
 def _text_full(levels: torch.Tensor, text_q_blocks, text_k_blocks) -> None:
