@@ -64,6 +64,8 @@ def main():
     ap.add_argument("--presets", nargs="*", default=list(PRESETS))
     ap.add_argument("--check", action="store_true", help="also compare Triton with the torch reference")
     ap.add_argument("--sweep", action="store_true", help="also time kernel tile / warp / stage variants")
+    ap.add_argument("--passes", type=int, nargs="*", default=[],
+                    help="also time whole calls with these heads_per_pass values (first preset)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "out"), "bench_attention.json"))
     args = ap.parse_args()
     dev = "cuda"
@@ -144,8 +146,17 @@ def main():
         r["extra_memory_vs_dense_over_qkv"] = (peak - peak_dense) / qkv_bytes
         rows.append(r)
         print(json.dumps(r), flush=True)
+    passes = {}
+    if args.passes:
+        cfg = PSAConfig.from_dict(PRESETS[args.presets[0]])
+        for g in args.passes:
+            ms = bench(lambda: psa_attention(q, k, v, cfg, grid, heads_per_pass=g))
+            extra = (peak_bytes(lambda: psa_attention(q, k, v, cfg, grid, heads_per_pass=g)) - peak_dense) / qkv_bytes
+            passes[g] = {"ms": ms, "extra_memory_vs_dense_over_qkv": extra}
+            print(f"heads_per_pass {g:3d}: {ms:7.3f} ms, memory beyond dense {extra:+.2f} x (q+k+v)", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"shape": [B, H, L, D], "grid": grid, "dense_ms": times, "rows": rows}, indent=1))
+    Path(args.out).write_text(json.dumps({"shape": [B, H, L, D], "grid": grid, "dense_ms": times, "rows": rows,
+                                          "heads_per_pass": passes}, indent=1))
     print(f"\n{torch.cuda.get_device_name()}  B={B} H={H} L={L} D={D} bf16; dense cuDNN {times['dense_cudnn']:.2f} ms,"
           f" flash {times['dense_flash']:.2f} ms")
     print("memory: PSA peak minus dense SDPA peak, as a share of q+k+v: "

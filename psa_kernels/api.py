@@ -35,10 +35,14 @@ class PSAPlan:
     pyramid: pyramid.Pyramid | None = None  # built while planning on the Triton path
 
     def stats(self) -> PSAStats:
-        dens = levels_mod.density(self.levels)  # [B, H]
-        counts = torch.bincount(self.levels.flatten().long(), minlength=9)
-        return PSAStats(density=float(dens.mean()), density_per_head=dens.mean(0).cpu(),
-                        level_counts={lvl: int(counts[lvl]) for lvl in (1, 2, 4, 8, 0)})
+        return _stats(self.levels)
+
+
+def _stats(levels: torch.Tensor) -> PSAStats:
+    dens = levels_mod.density(levels)  # [B, H]
+    counts = torch.bincount(levels.flatten().long(), minlength=9)
+    return PSAStats(density=float(dens.mean()), density_per_head=dens.mean(0).cpu(),
+                    level_counts={lvl: int(counts[lvl]) for lvl in (1, 2, 4, 8, 0)})
 
 
 def _check_inputs(q, k, v, grid, text_len) -> tuple[int, int, int]:
@@ -103,7 +107,7 @@ def psa_plan(q: torch.Tensor, k: torch.Tensor, cfg: PSAConfig, grid, text_len: i
 
 def psa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PSAConfig, grid,
                   text_len: int = 0, text_first: bool = False, return_stats: bool = False,
-                  backend: str = "auto", plan: PSAPlan | None = None):
+                  backend: str = "auto", plan: PSAPlan | None = None, heads_per_pass: int | None = None):
     """Pyramid Sparse Attention.
 
     q, k, v: [B, H, L, D] with L = T*H*W + text_len; the text tokens sit before the video
@@ -111,7 +115,9 @@ def psa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PSACon
     Returns the output in the caller's token order, same dtype and shape, and with
     ``return_stats`` also a :class:`PSAStats`. ``type: dense`` presets compute exact
     attention. ``backend``: "auto" (Triton on CUDA, torch elsewhere), "torch", "triton".
-    ``plan`` reuses a :func:`psa_plan` result for these inputs.
+    ``plan`` reuses a :func:`psa_plan` result for these inputs. ``heads_per_pass``: the
+    Triton path works on this many heads at a time, which bounds the memory it adds
+    (default: :func:`default_heads_per_pass`).
     """
     _check_inputs(q, k, v, grid, text_len)
     if cfg.is_dense:
@@ -121,18 +127,43 @@ def psa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PSACon
         B, H = q.shape[:2]
         return out, PSAStats(1.0, torch.ones(H), {1: B * H * math.ceil(q.shape[2] / cfg.block_size.m)
                                                   * math.ceil(q.shape[2] / cfg.block_size.n)})
+    H = q.shape[1]
+    if plan is None and _pick_backend(q, backend) == "triton":
+        group = min(H, heads_per_pass or default_heads_per_pass(H))
+        out = torch.empty_like(q)
+        levels = []
+        for h0 in range(0, H, group):
+            heads = slice(h0, h0 + group)
+            part = psa_plan(q[:, heads], k[:, heads], cfg, grid, text_len, text_first, "triton", v=v[:, heads])
+            _attend(q[:, heads], k[:, heads], v[:, heads], cfg, part, out[:, heads])
+            levels.append(part.levels)
+        return (out, _stats(torch.cat(levels, dim=1))) if return_stats else out
     if plan is None:
         plan = psa_plan(q, k, cfg, grid, text_len, text_first, backend, v=v)
+    out = _attend(q, k, v, cfg, plan)
+    return (out, plan.stats()) if return_stats else out
+
+
+# The pyramid holds k and v at 1 + 1/2 + 1/4 + 1/8 of their size; per pass it may take this
+# share of q+k+v, so a PSA call adds little to what dense attention needs.
+PYRAMID_MEMORY_SHARE = 0.2
+
+
+def default_heads_per_pass(heads: int) -> int:
+    """Heads per pass whose pyramid (2 x 1.875 x one head's k) stays within
+    PYRAMID_MEMORY_SHARE of q+k+v (3 x heads x one head's k)."""
+    return max(1, int(PYRAMID_MEMORY_SHARE * 3 * heads / 3.75))
+
+
+def _attend(q, k, v, cfg: PSAConfig, plan: PSAPlan, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The pyramid attention of a plan, in the caller's token order."""
     m, n = cfg.block_size.m, cfg.block_size.n
     L = q.shape[2]
     if plan.backend == "triton":
-        q = _unit_stride(q)
         pyr = plan.pyramid
         if pyr is None:
             pyr, _ = pyramid.build_pyramid_triton(_unit_stride(k), _unit_stride(v), n, L, perm=plan.perm)
         sched = pyramid.build_schedule(plan.levels, pyr, packed=cfg.attn_impl == "new_mask_type")
-        out = pyramid.attention_triton(q, pyr, sched, m, perm=plan.perm)
-    else:
-        pyr = pyramid.build_pyramid(arrange(k, plan.perm), arrange(v, plan.perm), n, L)
-        out = restore(pyramid.attention_reference(arrange(q, plan.perm), pyr, plan.levels, m), plan.inv)
-    return (out, plan.stats()) if return_stats else out
+        return pyramid.attention_triton(_unit_stride(q), pyr, sched, m, out=out, perm=plan.perm)
+    pyr = pyramid.build_pyramid(arrange(k, plan.perm), arrange(v, plan.perm), n, L)
+    return restore(pyramid.attention_reference(arrange(q, plan.perm), pyr, plan.levels, m), plan.inv)
