@@ -132,20 +132,25 @@ def main():
                     continue
                 sc = pyramid.build_schedule(plan.levels, pyr, cfg.attn_impl == "new_mask_type", tile_n=tn)
                 wf = float(sc.num_tiles.sum()) * 4 * m * tn * D
-                for nw in (4, 8):
-                    for ns in (2, 3, 4):
-                        try:
-                            ms = bench(lambda: pyramid.attention_triton(q, pyr, sc, m, out=o, num_warps=nw,
-                                                                        num_stages=ns, perm=perm))
-                            sweep[f"tile{tn}_w{nw}_s{ns}"] = (round(ms, 3), round(wf / ms / 1e9))
-                        except Exception as e:  # resources exceeded for this config
-                            sweep[f"tile{tn}_w{nw}_s{ns}"] = str(e)[:60]
+                for split in (True, False):
+                    for nw in (4, 8):
+                        for ns in (2, 3):
+                            key = f"tile{tn}_split{int(split)}_w{nw}_s{ns}"
+                            try:
+                                ms = bench(lambda: pyramid.attention_triton(q, pyr, sc, m, out=o, num_warps=nw,
+                                                                            num_stages=ns, perm=perm, split=split))
+                                sweep[key] = (round(ms, 3), round(wf / ms / 1e9))
+                            except Exception as e:  # resources exceeded for this config
+                                sweep[key] = str(e)[:60]
             r["sweep"] = sweep
         del pyr, sched, o, scores, sim
         peak = peak_bytes(lambda: psa_attention(q, k, v, cfg, grid))
         r["extra_memory_vs_dense_over_qkv"] = (peak - peak_dense) / qkv_bytes
         rows.append(r)
         print(json.dumps(r), flush=True)
+        if args.sweep:
+            best = sorted((v, k) for k, v in r["sweep"].items() if isinstance(v, tuple))[:4]
+            print(f"  fastest kernel variants for {name}: " + "; ".join(f"{k} {v[0]} ms {v[1]} TF" for v, k in best))
     passes = {}
     if args.passes:
         cfg = PSAConfig.from_dict(PRESETS[args.presets[0]])

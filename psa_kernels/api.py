@@ -116,8 +116,8 @@ def psa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PSACon
     ``return_stats`` also a :class:`PSAStats`. ``type: dense`` presets compute exact
     attention. ``backend``: "auto" (Triton on CUDA, torch elsewhere), "torch", "triton".
     ``plan`` reuses a :func:`psa_plan` result for these inputs. ``heads_per_pass``: the
-    Triton path works on this many heads at a time, which bounds the memory it adds
-    (default: :func:`default_heads_per_pass`).
+    Triton path works on this many heads at a time (default: all); fewer heads per pass
+    bound the memory a call adds (the pyramid of the heads in the pass) at some speed.
     """
     _check_inputs(q, k, v, grid, text_len)
     if cfg.is_dense:
@@ -129,7 +129,7 @@ def psa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PSACon
                                                   * math.ceil(q.shape[2] / cfg.block_size.n)})
     H = q.shape[1]
     if plan is None and _pick_backend(q, backend) == "triton":
-        group = min(H, heads_per_pass or default_heads_per_pass(H))
+        group = min(H, heads_per_pass or H)
         out = torch.empty_like(q)
         levels = []
         for h0 in range(0, H, group):
@@ -142,17 +142,6 @@ def psa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PSACon
         plan = psa_plan(q, k, cfg, grid, text_len, text_first, backend, v=v)
     out = _attend(q, k, v, cfg, plan)
     return (out, plan.stats()) if return_stats else out
-
-
-# The pyramid holds k and v at 1 + 1/2 + 1/4 + 1/8 of their size; per pass it may take this
-# share of q+k+v, so a PSA call adds little to what dense attention needs.
-PYRAMID_MEMORY_SHARE = 0.2
-
-
-def default_heads_per_pass(heads: int) -> int:
-    """Heads per pass whose pyramid (2 x 1.875 x one head's k) stays within
-    PYRAMID_MEMORY_SHARE of q+k+v (3 x heads x one head's k)."""
-    return max(1, int(PYRAMID_MEMORY_SHARE * 3 * heads / 3.75))
 
 
 def _attend(q, k, v, cfg: PSAConfig, plan: PSAPlan, out: torch.Tensor | None = None) -> torch.Tensor:

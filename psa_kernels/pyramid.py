@@ -31,6 +31,7 @@ class Pyramid:
     bias: torch.Tensor     # [rows] float32: ln(real keys per row), -inf for padding
     base: dict             # level -> first row of that level
     n: int                 # key block size
+    length: int            # real keys (L); rows past it are padding
 
 
 def build_pyramid(k: torch.Tensor, v: torch.Tensor, n: int, L: int) -> Pyramid:
@@ -57,7 +58,7 @@ def build_pyramid(k: torch.Tensor, v: torch.Tensor, n: int, L: int) -> Pyramid:
         vs.append(vp)
         biases.append(torch.where(cnt > 0, cnt.log(), torch.full_like(cnt, float("-inf"))))
         start += rows1 // p
-    return Pyramid(torch.cat(ks, dim=2), torch.cat(vs, dim=2), torch.cat(biases), base, n)
+    return Pyramid(torch.cat(ks, dim=2), torch.cat(vs, dim=2), torch.cat(biases), base, n, L)
 
 
 @triton.jit
@@ -170,7 +171,7 @@ def build_pyramid_triton(k: torch.Tensor, v: torch.Tensor, n: int, L: int,
         per_block = n // chunk
         sim = (sim_sum.view(B, H, nkb, per_block, 3).sum(3)
                / sim_cnt.view(B, H, nkb, per_block, 3).sum(3).clamp_min(1.0))
-    return Pyramid(kp, vp, bias, base, n), sim
+    return Pyramid(kp, vp, bias, base, n, L), sim
 
 
 def attention_reference(q: torch.Tensor, pyr: Pyramid, levels: torch.Tensor, m: int,
@@ -220,9 +221,14 @@ def tile_width(n: int) -> int:
 
 
 @triton.jit
-def _schedule_level(lv, kb, nkb, Segs, TileLevel, TileSeg, seg_at, tile_at,
-                    P: tl.constexpr, BASE, N: tl.constexpr, PER_TILE: tl.constexpr, MAX_T: tl.constexpr):
-    """Append the key blocks of level P to one row's segment list, PER_TILE segments a tile."""
+def _schedule_level(lv, kb, nkb, Segs, TileLevel, TileSeg, seg_at, tile_at, tail_block,
+                    P: tl.constexpr, BASE, N: tl.constexpr, PER_TILE: tl.constexpr, MAX_T: tl.constexpr,
+                    ALWAYS_MASKED: tl.constexpr):
+    """Append the key blocks of level P to one row's segment list, PER_TILE segments a tile.
+
+    A tile whose columns are not all whole groups of P real keys (it has empty slots or holds
+    the partial last key block) is stored with level -P: only there does the kernel read the
+    per-row bias; every other tile adds the scalar ln P."""
     sel = (lv == P) & (kb < nkb)
     cnt = tl.sum(sel.to(tl.int32), 0)
     pos = tl.cumsum(sel.to(tl.int32), 0) - 1
@@ -230,17 +236,21 @@ def _schedule_level(lv, kb, nkb, Segs, TileLevel, TileSeg, seg_at, tile_at,
     ntiles = (cnt + PER_TILE - 1) // PER_TILE
     pad = tl.arange(0, PER_TILE)
     tl.store(Segs + seg_at + cnt + pad, -1, mask=pad < ntiles * PER_TILE - cnt)
+    holds_tail = tl.sum((sel & (kb == tail_block)).to(tl.int32), 0) > 0
+    last_masked = (cnt % PER_TILE != 0) | holds_tail
     t = tl.arange(0, MAX_T)
-    tl.store(TileLevel + tile_at + t, tl.full([MAX_T], P, tl.int32), mask=t < ntiles)
+    masked = ((t == ntiles - 1) & last_masked) | ALWAYS_MASKED
+    tl.store(TileLevel + tile_at + t, tl.where(masked, -P, P), mask=t < ntiles)
     tl.store(TileSeg + tile_at + t, seg_at + t * PER_TILE, mask=t < ntiles)
     return ntiles * PER_TILE, ntiles
 
 
 @triton.jit
-def _schedule_kernel(Levels, Segs, TileLevel, TileSeg, NumTiles, NumFull, nkb, s_lv, s_seg, s_tile,
+def _schedule_kernel(Levels, Segs, TileLevel, TileSeg, NumTiles, NumFull, nkb, tail_block, s_lv, s_seg, s_tile,
                      B2, B4, B8, N: tl.constexpr, NKB: tl.constexpr,
                      PT1: tl.constexpr, PT2: tl.constexpr, PT4: tl.constexpr, PT8: tl.constexpr,
-                     MT1: tl.constexpr, MT2: tl.constexpr, MT4: tl.constexpr, MT8: tl.constexpr):
+                     MT1: tl.constexpr, MT2: tl.constexpr, MT4: tl.constexpr, MT8: tl.constexpr,
+                     AM1: tl.constexpr, AM2: tl.constexpr, AM4: tl.constexpr, AM8: tl.constexpr):
     # One program: one (batch, head, query block) row. Segment positions inside the row are
     # relative (TileSeg holds row-relative offsets), so rows never look at each other.
     row = tl.program_id(0)
@@ -249,15 +259,15 @@ def _schedule_kernel(Levels, Segs, TileLevel, TileSeg, NumTiles, NumFull, nkb, s
     segs = Segs + row * s_seg
     tlev = TileLevel + row * s_tile
     tseg = TileSeg + row * s_tile
-    ns, nt = _schedule_level(lv, kb, nkb, segs, tlev, tseg, 0, 0, 1, 0, N, PT1, MT1)
+    ns, nt = _schedule_level(lv, kb, nkb, segs, tlev, tseg, 0, 0, tail_block, 1, 0, N, PT1, MT1, AM1)
     tl.store(NumFull + row, nt)
-    ds, dt = _schedule_level(lv, kb, nkb, segs, tlev, tseg, ns, nt, 2, B2, N, PT2, MT2)
+    ds, dt = _schedule_level(lv, kb, nkb, segs, tlev, tseg, ns, nt, tail_block, 2, B2, N, PT2, MT2, AM2)
     ns += ds
     nt += dt
-    ds, dt = _schedule_level(lv, kb, nkb, segs, tlev, tseg, ns, nt, 4, B4, N, PT4, MT4)
+    ds, dt = _schedule_level(lv, kb, nkb, segs, tlev, tseg, ns, nt, tail_block, 4, B4, N, PT4, MT4, AM4)
     ns += ds
     nt += dt
-    ds, dt = _schedule_level(lv, kb, nkb, segs, tlev, tseg, ns, nt, 8, B8, N, PT8, MT8)
+    ds, dt = _schedule_level(lv, kb, nkb, segs, tlev, tseg, ns, nt, tail_block, 8, B8, N, PT8, MT8, AM8)
     tl.store(NumTiles + row, nt + dt)
 
 
@@ -282,40 +292,47 @@ def build_schedule(levels: torch.Tensor, pyr: Pyramid, packed: bool, tile_n: int
     tile_seg = torch.empty((B, H, nqb, max_tiles), dtype=torch.int32, device=dev)
     num_tiles = torch.empty((B, H, nqb), dtype=torch.int32, device=dev)
     num_full = torch.empty_like(num_tiles)
+    # without packing, a tile of a level whose block is narrower than the tile has empty rows
+    always_masked = {p: per_tile[p] * (n // p) < tn for p in LEVEL_ORDER}
+    tail_block = nkb - 1 if nkb * n > pyr.length else -1  # the last key block has padding rows
     p2 = triton.next_power_of_2
     _schedule_kernel[(B * H * nqb,)](
-        lv, segs, tile_level, tile_seg, num_tiles, num_full, nkb, lv.stride(0), max_segs, max_tiles,
+        lv, segs, tile_level, tile_seg, num_tiles, num_full, nkb, tail_block, lv.stride(0), max_segs, max_tiles,
         pyr.base[2], pyr.base[4], pyr.base[8], N=n, NKB=p2(nkb),
         PT1=per_tile[1], PT2=per_tile[2], PT4=per_tile[4], PT8=per_tile[8],
-        MT1=p2(max_t[1]), MT2=p2(max_t[2]), MT4=p2(max_t[4]), MT8=p2(max_t[8]), num_warps=4)
+        MT1=p2(max_t[1]), MT2=p2(max_t[2]), MT4=p2(max_t[4]), MT8=p2(max_t[8]),
+        AM1=always_masked[1], AM2=always_masked[2], AM4=always_masked[4], AM8=always_masked[8], num_warps=4)
     return Schedule(tile_level, tile_seg, num_tiles, num_full, segs, tn, packed)
 
 
 # ------------------------------------------------------------------------- kernel
 @triton.jit
-def _attend_tile(q, k, v, col_bias, m_i, l_i, acc, sm_scale_log2):
-    """One online-softmax step over a tile of keys; col_bias is in log2 units per column."""
-    s = tl.dot(q, tl.trans(k)) * sm_scale_log2 + col_bias[None, :]
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l_i, acc
+def _gather_tile(kbase, vbase, seg_row, first, lvl, r, skl, svl, dd,
+                 N: tl.constexpr, TILE_N: tl.constexpr, PACKED: tl.constexpr):
+    """Keys and values of a tile made of segments of N/lvl pyramid rows, and their rows."""
+    seg_len = N // lvl
+    slot = r // seg_len
+    in_tile = (r < TILE_N) if PACKED else (slot < 1)
+    seg = tl.load(seg_row + first + slot, mask=in_tile, other=-1)
+    valid = seg >= 0
+    prow = tl.where(valid, seg + r % seg_len, 0)
+    k = tl.load(kbase + prow[:, None] * skl + dd[None, :], mask=valid[:, None], other=0.0)
+    v = tl.load(vbase + prow[:, None] * svl + dd[None, :], mask=valid[:, None], other=0.0)
+    return k, v, prow, valid
 
 
 @triton.jit
-def _pyramid_attn_kernel(Q, KP, VP, Out, TileLevel, TileSeg, NumTiles, NumFull, Segs, Perm,
-                         L, sm_scale_log2, B2, B4, B8,
+def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, NumTiles, NumFull, Segs, Perm,
+                         L, sm_scale_log2,
                          sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
                          s_tl, s_seg,
                          H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                          N: tl.constexpr, TILE_N: tl.constexpr, PACKED: tl.constexpr,
-                         HAS_PERM: tl.constexpr):
-    # Two branch-free loops, so loads pipeline: level-1 tiles first, then pooled tiles. The
-    # ln(count) bias of a column is computed, not read: log2 of the real keys a pyramid row
-    # stands for (p inside the sequence, fewer in the partial tail group, -inf for padding
-    # and empty slots).
+                         HAS_PERM: tl.constexpr, SPLIT: tl.constexpr):
+    # Tiles come level by level, level 1 first. A tile's columns stand for lvl real keys each
+    # (a scalar log2(lvl) bias), except on tiles the schedule flagged (level stored as -lvl:
+    # empty slots or the partial last block), which read the per-row ln(count) bias.
+    # SPLIT: level-1 tiles in a loop of their own, without the per-tile level branch.
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -337,40 +354,51 @@ def _pyramid_attn_kernel(Q, KP, VP, Out, TileLevel, TileSeg, NumTiles, NumFull, 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    nfull = tl.load(NumFull + row)
     ntiles = tl.load(NumTiles + row)
-    for t in range(0, nfull):
+    start = 0
+    if SPLIT:
+        start = tl.load(NumFull + row)
+        for t in range(0, start):
+            code = tl.load(TileLevel + row * s_tl + t)
+            first = tl.load(TileSeg + row * s_tl + t)
+            if N == TILE_N:  # one whole key block fills the tile: a contiguous, aligned run of rows
+                prow = tl.multiple_of(tl.load(seg_row + first), TILE_N) + r
+                valid = r < TILE_N
+                k = tl.load(kbase + prow[:, None] * skl + dd[None, :])
+                v = tl.load(vbase + prow[:, None] * svl + dd[None, :])
+            else:
+                k, v, prow, valid = _gather_tile(kbase, vbase, seg_row, first, 1, r, skl, svl, dd, N, TILE_N, PACKED)
+            s = tl.dot(q, tl.trans(k)) * sm_scale_log2
+            if code < 0:
+                s += (tl.load(Bias + prow, mask=valid, other=float("-inf")) * 1.4426950408889634)[None, :]
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+    for t in range(start, ntiles):
+        code = tl.load(TileLevel + row * s_tl + t)
         first = tl.load(TileSeg + row * s_tl + t)
-        if N == TILE_N:  # one whole key block fills the tile: a contiguous, aligned run of rows
+        lvl = tl.abs(code)
+        if (N == TILE_N) & (lvl == 1):
             prow = tl.multiple_of(tl.load(seg_row + first), TILE_N) + r
+            valid = r < TILE_N
             k = tl.load(kbase + prow[:, None] * skl + dd[None, :])
             v = tl.load(vbase + prow[:, None] * svl + dd[None, :])
-            col = tl.where(prow < L, 0.0, float("-inf"))
         else:
-            slot = r // N
-            in_tile = (r < TILE_N) if PACKED else (slot < 1)
-            seg = tl.load(seg_row + first + slot, mask=in_tile, other=-1)
-            valid = seg >= 0
-            prow = tl.where(valid, seg + r % N, 0)
-            k = tl.load(kbase + prow[:, None] * skl + dd[None, :], mask=valid[:, None], other=0.0)
-            v = tl.load(vbase + prow[:, None] * svl + dd[None, :], mask=valid[:, None], other=0.0)
-            col = tl.where(valid & (prow < L), 0.0, float("-inf"))
-        m_i, l_i, acc = _attend_tile(q, k, v, col, m_i, l_i, acc, sm_scale_log2)
-    for t in range(nfull, ntiles):
-        lvl = tl.load(TileLevel + row * s_tl + t)
-        first = tl.load(TileSeg + row * s_tl + t)
-        seg_len = N // lvl
-        slot = r // seg_len
-        in_tile = (r < TILE_N) if PACKED else (slot < 1)
-        seg = tl.load(seg_row + first + slot, mask=in_tile, other=-1)
-        valid = seg >= 0
-        prow = tl.where(valid, seg + r % seg_len, 0)
-        k = tl.load(kbase + prow[:, None] * skl + dd[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(vbase + prow[:, None] * svl + dd[None, :], mask=valid[:, None], other=0.0)
-        base = tl.where(lvl == 2, B2, tl.where(lvl == 4, B4, B8))
-        count = tl.minimum(tl.maximum(L - (prow - base) * lvl, 0), lvl)
-        col = tl.where(valid & (count > 0), tl.log2(tl.maximum(count, 1).to(tl.float32)), float("-inf"))
-        m_i, l_i, acc = _attend_tile(q, k, v, col, m_i, l_i, acc, sm_scale_log2)
+            k, v, prow, valid = _gather_tile(kbase, vbase, seg_row, first, lvl, r, skl, svl, dd, N, TILE_N, PACKED)
+        s = tl.dot(q, tl.trans(k)) * sm_scale_log2
+        if code < 0:
+            s += (tl.load(Bias + prow, mask=valid, other=float("-inf")) * 1.4426950408889634)[None, :]
+        else:
+            s += tl.log2(lvl.to(tl.float32))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
     acc = acc / l_i[:, None]
     tl.store(Out + b * sob + h * soh + src[:, None] * sol + dd[None, :], acc.to(Out.dtype.element_ty),
              mask=qmask[:, None])
@@ -385,7 +413,8 @@ def kernel_launch_config(m: int, tile_n: int) -> tuple[int, int]:
 
 def attention_triton(q: torch.Tensor, pyr: Pyramid, sched: Schedule, m: int,
                      out: torch.Tensor | None = None, num_warps: int | None = None,
-                     num_stages: int | None = None, perm: torch.Tensor | None = None) -> torch.Tensor:
+                     num_stages: int | None = None, perm: torch.Tensor | None = None,
+                     split: bool = True) -> torch.Tensor:
     """The pyramid attention kernel over a schedule; same function as attention_reference.
 
     With ``perm``, q and the output are in the caller's order (arranged = x[..., perm, :])."""
@@ -396,11 +425,11 @@ def attention_triton(q: torch.Tensor, pyr: Pyramid, sched: Schedule, m: int,
     warps, stages = kernel_launch_config(m, sched.tile_n)
     sm_scale_log2 = LOG2E / math.sqrt(D)
     _pyramid_attn_kernel[(nqb, B * H)](
-        q, pyr.k, pyr.v, out, sched.tile_level, sched.tile_seg, sched.num_tiles, sched.num_full, sched.segs,
-        perm if perm is not None else sched.num_tiles, L, sm_scale_log2, pyr.base[2], pyr.base[4], pyr.base[8],
+        q, pyr.k, pyr.v, pyr.bias, out, sched.tile_level, sched.tile_seg, sched.num_tiles, sched.num_full,
+        sched.segs, perm if perm is not None else sched.num_tiles, L, sm_scale_log2,
         q.stride(0), q.stride(1), q.stride(2), pyr.k.stride(0), pyr.k.stride(1), pyr.k.stride(2),
         pyr.v.stride(0), pyr.v.stride(1), pyr.v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         sched.tile_level.stride(2), sched.segs.stride(2),
-        H=H, D=D, BLOCK_M=m, N=pyr.n, TILE_N=sched.tile_n, PACKED=sched.packed, HAS_PERM=perm is not None,
+        H=H, D=D, BLOCK_M=m, N=pyr.n, TILE_N=sched.tile_n, PACKED=sched.packed, HAS_PERM=perm is not None, SPLIT=split,
         num_warps=num_warps or warps, num_stages=num_stages or stages)
     return out
