@@ -405,10 +405,9 @@ def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, NumTiles, Num
 
 
 def kernel_launch_config(m: int, tile_n: int) -> tuple[int, int]:
-    """(num_warps, num_stages) measured fastest on an H100 (benchmarks/kernel_probe.py)."""
-    if tile_n >= 128:
-        return 8, 3
-    return 4, 3
+    """(num_warps, num_stages): 8 warps and 3 stages were fastest for every preset and tile
+    width of the H100 sweep (bench_attention.py --sweep); smaller query blocks take 4 warps."""
+    return (8 if m >= 128 else 4), 3
 
 
 def attention_triton(q: torch.Tensor, pyr: Pyramid, sched: Schedule, m: int,
