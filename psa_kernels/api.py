@@ -74,7 +74,11 @@ def _pick_backend(q: torch.Tensor, backend: str) -> str:
 
 def psa_plan(q: torch.Tensor, k: torch.Tensor, cfg: PSAConfig, grid, text_len: int = 0,
              text_first: bool = False, backend: str = "auto", v: torch.Tensor | None = None) -> PSAPlan:
-    """Layout, block estimate, level assignment and similarity guard, without the attention."""
+    """Layout, block estimate, level assignment and similarity guard, without the attention.
+
+    Given ``v`` too, the Triton path keeps the key/value pyramid it builds for the guard, so
+    psa_attention(..., plan=plan) does not build it again."""
+    keep_pyramid = v is not None
     v = k if v is None else v
     _check_inputs(q, k, v, grid, text_len)
     backend = _pick_backend(q, backend)
@@ -94,6 +98,7 @@ def psa_plan(q: torch.Tensor, k: torch.Tensor, cfg: PSAConfig, grid, text_len: i
         scores = estimate.estimate_triton(q, k, m, n, perm)
         lv = levels_mod.assign_levels_triton(scores, cfg, text_q, text_k)
         pyr, sim = pyramid.build_pyramid_triton(k, v, n, L, cfg.use_sim_mask, perm)
+        pyr = pyr if keep_pyramid else None
     else:
         qa, ka = arrange(q, perm), arrange(k, perm)
         scores = estimate.estimate_reference(qa, ka, m, n)

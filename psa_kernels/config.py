@@ -230,7 +230,7 @@ class PSAConfig:
             "sim_thresholds": dataclasses.asdict(self.sim_thresholds),
         }
         if self.is_dense:
-            keep = set(self.given) | {"type", "description"}
+            keep = set(self.given) | {"type"}
             return {k: v for k, v in full.items() if k in keep}
         return full
 
