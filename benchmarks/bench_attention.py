@@ -132,16 +132,15 @@ def main():
                     continue
                 sc = pyramid.build_schedule(plan.levels, pyr, cfg.attn_impl == "new_mask_type", tile_n=tn)
                 wf = float(sc.num_tiles.sum()) * 4 * m * tn * D
-                for split in (True, False):
-                    for nw in (4, 8):
-                        for ns in (2, 3):
-                            key = f"tile{tn}_split{int(split)}_w{nw}_s{ns}"
-                            try:
-                                ms = bench(lambda: pyramid.attention_triton(q, pyr, sc, m, out=o, num_warps=nw,
-                                                                            num_stages=ns, perm=perm, split=split))
-                                sweep[key] = (round(ms, 3), round(wf / ms / 1e9))
-                            except Exception as e:  # resources exceeded for this config
-                                sweep[key] = str(e)[:60]
+                for nw in (4, 8):
+                    for ns in (2, 3, 4):
+                        key = f"tile{tn}_w{nw}_s{ns}"
+                        try:
+                            ms = bench(lambda: pyramid.attention_triton(q, pyr, sc, m, out=o, num_warps=nw,
+                                                                        num_stages=ns, perm=perm))
+                            sweep[key] = (round(ms, 3), round(wf / ms / 1e9))
+                        except Exception as e:  # resources exceeded for this config
+                            sweep[key] = str(e)[:60]
             r["sweep"] = sweep
         del pyr, sched, o, scores, sim
         peak = peak_bytes(lambda: psa_attention(q, k, v, cfg, grid))

@@ -207,11 +207,15 @@ class Schedule:
     """Per (batch, head, query block): tiles to visit and the segments that fill them."""
     tile_level: torch.Tensor   # [B, H, nqb, max_tiles] int32: level of each tile
     tile_seg: torch.Tensor     # [B, H, nqb, max_tiles] int32: first segment of each tile
-    num_tiles: torch.Tensor    # [B, H, nqb] int32
-    num_full: torch.Tensor     # [B, H, nqb] int32: level-1 tiles, which come first
+    counts: torch.Tensor       # [B, H, nqb, 3] int32: regular level-1 tiles, regular tiles, masked tiles
     segs: torch.Tensor         # [B, H, nqb, max_segs] int32: first pyramid row, -1 = empty slot
     tile_n: int                # pyramid rows per tile
     packed: bool               # several segments per tile (new_mask_type)
+
+    @property
+    def num_tiles(self) -> torch.Tensor:
+        """[B, H, nqb] tiles per row."""
+        return self.counts[..., 1] + self.counts[..., 2]
 
 
 def tile_width(n: int) -> int:
@@ -221,14 +225,16 @@ def tile_width(n: int) -> int:
 
 
 @triton.jit
-def _schedule_level(lv, kb, nkb, Segs, TileLevel, TileSeg, seg_at, tile_at, tail_block,
+def _schedule_level(lv, kb, nkb, Segs, TileLevel, TileSeg, seg_at, reg_at, flag_at, tail_block, last_tile,
                     P: tl.constexpr, BASE, N: tl.constexpr, PER_TILE: tl.constexpr, MAX_T: tl.constexpr,
                     ALWAYS_MASKED: tl.constexpr):
     """Append the key blocks of level P to one row's segment list, PER_TILE segments a tile.
 
-    A tile whose columns are not all whole groups of P real keys (it has empty slots or holds
-    the partial last key block) is stored with level -P: only there does the kernel read the
-    per-row bias; every other tile adds the scalar ln P."""
+    A tile whose columns are all whole groups of P real keys is *regular* and goes to the
+    front of the tile list. The others (the last tile of the level when it has empty slots
+    or holds the partial last key block; every tile when ALWAYS_MASKED) are *masked* and go
+    to the back, filled from ``last_tile`` down, so the kernel meets each kind in a loop of
+    its own. Returns (segments, regular tiles, masked tiles) added."""
     sel = (lv == P) & (kb < nkb)
     cnt = tl.sum(sel.to(tl.int32), 0)
     pos = tl.cumsum(sel.to(tl.int32), 0) - 1
@@ -237,16 +243,18 @@ def _schedule_level(lv, kb, nkb, Segs, TileLevel, TileSeg, seg_at, tile_at, tail
     pad = tl.arange(0, PER_TILE)
     tl.store(Segs + seg_at + cnt + pad, -1, mask=pad < ntiles * PER_TILE - cnt)
     holds_tail = tl.sum((sel & (kb == tail_block)).to(tl.int32), 0) > 0
-    last_masked = (cnt % PER_TILE != 0) | holds_tail
+    last_masked = ((cnt % PER_TILE != 0) | holds_tail) & (ntiles > 0)
+    nmasked = ntiles if ALWAYS_MASKED else last_masked.to(tl.int32)
+    nregular = ntiles - nmasked
     t = tl.arange(0, MAX_T)
-    masked = ((t == ntiles - 1) & last_masked) | ALWAYS_MASKED
-    tl.store(TileLevel + tile_at + t, tl.where(masked, -P, P), mask=t < ntiles)
-    tl.store(TileSeg + tile_at + t, seg_at + t * PER_TILE, mask=t < ntiles)
-    return ntiles * PER_TILE, ntiles
+    slot = tl.where(t < nregular, reg_at + t, last_tile - (flag_at + t - nregular))
+    tl.store(TileLevel + slot, tl.full([MAX_T], P, tl.int32), mask=t < ntiles)
+    tl.store(TileSeg + slot, seg_at + t * PER_TILE, mask=t < ntiles)
+    return ntiles * PER_TILE, nregular, nmasked
 
 
 @triton.jit
-def _schedule_kernel(Levels, Segs, TileLevel, TileSeg, NumTiles, NumFull, nkb, tail_block, s_lv, s_seg, s_tile,
+def _schedule_kernel(Levels, Segs, TileLevel, TileSeg, Counts, nkb, tail_block, s_lv, s_seg, s_tile,
                      B2, B4, B8, N: tl.constexpr, NKB: tl.constexpr,
                      PT1: tl.constexpr, PT2: tl.constexpr, PT4: tl.constexpr, PT8: tl.constexpr,
                      MT1: tl.constexpr, MT2: tl.constexpr, MT4: tl.constexpr, MT8: tl.constexpr,
@@ -259,20 +267,26 @@ def _schedule_kernel(Levels, Segs, TileLevel, TileSeg, NumTiles, NumFull, nkb, t
     segs = Segs + row * s_seg
     tlev = TileLevel + row * s_tile
     tseg = TileSeg + row * s_tile
-    ns, nt = _schedule_level(lv, kb, nkb, segs, tlev, tseg, 0, 0, tail_block, 1, 0, N, PT1, MT1, AM1)
-    tl.store(NumFull + row, nt)
-    ds, dt = _schedule_level(lv, kb, nkb, segs, tlev, tseg, ns, nt, tail_block, 2, B2, N, PT2, MT2, AM2)
+    last = s_tile - 1
+    ns, nr, nm = _schedule_level(lv, kb, nkb, segs, tlev, tseg, 0, 0, 0, tail_block, last, 1, 0, N, PT1, MT1, AM1)
+    nfull = nr
+    ds, dr, dm = _schedule_level(lv, kb, nkb, segs, tlev, tseg, ns, nr, nm, tail_block, last, 2, B2, N, PT2, MT2, AM2)
     ns += ds
-    nt += dt
-    ds, dt = _schedule_level(lv, kb, nkb, segs, tlev, tseg, ns, nt, tail_block, 4, B4, N, PT4, MT4, AM4)
+    nr += dr
+    nm += dm
+    ds, dr, dm = _schedule_level(lv, kb, nkb, segs, tlev, tseg, ns, nr, nm, tail_block, last, 4, B4, N, PT4, MT4, AM4)
     ns += ds
-    nt += dt
-    ds, dt = _schedule_level(lv, kb, nkb, segs, tlev, tseg, ns, nt, tail_block, 8, B8, N, PT8, MT8, AM8)
-    tl.store(NumTiles + row, nt + dt)
+    nr += dr
+    nm += dm
+    ds, dr, dm = _schedule_level(lv, kb, nkb, segs, tlev, tseg, ns, nr, nm, tail_block, last, 8, B8, N, PT8, MT8, AM8)
+    tl.store(Counts + row * 3 + 0, nfull)
+    tl.store(Counts + row * 3 + 1, nr + dr)
+    tl.store(Counts + row * 3 + 2, nm + dm)
 
 
 def build_schedule(levels: torch.Tensor, pyr: Pyramid, packed: bool, tile_n: int | None = None) -> Schedule:
-    """Turn a level map into tile lists, level by level (1, 2, 4, 8), key blocks ascending.
+    """Turn a level map into tile lists: regular level-1 tiles, regular pooled tiles (levels
+    2, 4, 8), then the masked tiles at the back; key blocks ascending within a level.
 
     One Triton program per row; buffers are sized for the worst case of any level map, so
     nothing is read back to the host."""
@@ -290,49 +304,66 @@ def build_schedule(levels: torch.Tensor, pyr: Pyramid, packed: bool, tile_n: int
     segs = torch.empty((B, H, nqb, max_segs), dtype=torch.int32, device=dev)
     tile_level = torch.empty((B, H, nqb, max_tiles), dtype=torch.int32, device=dev)
     tile_seg = torch.empty((B, H, nqb, max_tiles), dtype=torch.int32, device=dev)
-    num_tiles = torch.empty((B, H, nqb), dtype=torch.int32, device=dev)
-    num_full = torch.empty_like(num_tiles)
+    counts = torch.empty((B, H, nqb, 3), dtype=torch.int32, device=dev)
     # without packing, a tile of a level whose block is narrower than the tile has empty rows
     always_masked = {p: per_tile[p] * (n // p) < tn for p in LEVEL_ORDER}
     tail_block = nkb - 1 if nkb * n > pyr.length else -1  # the last key block has padding rows
     p2 = triton.next_power_of_2
     _schedule_kernel[(B * H * nqb,)](
-        lv, segs, tile_level, tile_seg, num_tiles, num_full, nkb, tail_block, lv.stride(0), max_segs, max_tiles,
+        lv, segs, tile_level, tile_seg, counts, nkb, tail_block, lv.stride(0), max_segs, max_tiles,
         pyr.base[2], pyr.base[4], pyr.base[8], N=n, NKB=p2(nkb),
         PT1=per_tile[1], PT2=per_tile[2], PT4=per_tile[4], PT8=per_tile[8],
         MT1=p2(max_t[1]), MT2=p2(max_t[2]), MT4=p2(max_t[4]), MT8=p2(max_t[8]),
         AM1=always_masked[1], AM2=always_masked[2], AM4=always_masked[4], AM8=always_masked[8], num_warps=4)
-    return Schedule(tile_level, tile_seg, num_tiles, num_full, segs, tn, packed)
+    return Schedule(tile_level, tile_seg, counts, segs, tn, packed)
 
 
 # ------------------------------------------------------------------------- kernel
 @triton.jit
 def _gather_tile(kbase, vbase, seg_row, first, lvl, r, skl, svl, dd,
-                 N: tl.constexpr, TILE_N: tl.constexpr, PACKED: tl.constexpr):
-    """Keys and values of a tile made of segments of N/lvl pyramid rows, and their rows."""
+                 N: tl.constexpr, TILE_N: tl.constexpr, PACKED: tl.constexpr, MASKED: tl.constexpr):
+    """Keys and values of a tile made of segments of N/lvl pyramid rows, and their rows.
+    Unless MASKED, every row of the tile is known to be a real pyramid row."""
     seg_len = N // lvl
     slot = r // seg_len
-    in_tile = (r < TILE_N) if PACKED else (slot < 1)
-    seg = tl.load(seg_row + first + slot, mask=in_tile, other=-1)
-    valid = seg >= 0
-    prow = tl.where(valid, seg + r % seg_len, 0)
-    k = tl.load(kbase + prow[:, None] * skl + dd[None, :], mask=valid[:, None], other=0.0)
-    v = tl.load(vbase + prow[:, None] * svl + dd[None, :], mask=valid[:, None], other=0.0)
+    if MASKED:
+        in_tile = (r < TILE_N) if PACKED else (slot < 1)
+        seg = tl.load(seg_row + first + slot, mask=in_tile, other=-1)
+        valid = seg >= 0
+        prow = tl.where(valid, seg + r % seg_len, 0)
+        k = tl.load(kbase + prow[:, None] * skl + dd[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(vbase + prow[:, None] * svl + dd[None, :], mask=valid[:, None], other=0.0)
+    else:
+        prow = tl.load(seg_row + first + slot) + r % seg_len
+        valid = r < TILE_N
+        k = tl.load(kbase + prow[:, None] * skl + dd[None, :])
+        v = tl.load(vbase + prow[:, None] * svl + dd[None, :])
     return k, v, prow, valid
 
 
 @triton.jit
-def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, NumTiles, NumFull, Segs, Perm,
+def _attend_tile(q, k, v, s, m_i, l_i, acc):
+    """Online-softmax step: s are the tile's logits (log2 units, bias included)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, Counts, Segs, Perm,
                          L, sm_scale_log2,
                          sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
                          s_tl, s_seg,
                          H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                          N: tl.constexpr, TILE_N: tl.constexpr, PACKED: tl.constexpr,
-                         HAS_PERM: tl.constexpr, SPLIT: tl.constexpr):
-    # Tiles come level by level, level 1 first. A tile's columns stand for lvl real keys each
-    # (a scalar log2(lvl) bias), except on tiles the schedule flagged (level stored as -lvl:
-    # empty slots or the partial last block), which read the per-row ln(count) bias.
-    # SPLIT: level-1 tiles in a loop of their own, without the per-tile level branch.
+                         HAS_PERM: tl.constexpr):
+    # Three branch-free loops, so that loads pipeline: regular level-1 tiles (contiguous when
+    # a key block fills the tile), regular pooled tiles (every column stands for lvl real
+    # keys: scalar bias log2(lvl)), and masked tiles (empty slots or the partial last block:
+    # masked loads and the per-row ln(count) bias).
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -349,56 +380,41 @@ def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, NumTiles, Num
     kbase = KP + b * skb + h * skh
     vbase = VP + b * svb + h * svh
     seg_row = Segs + row * s_seg
+    tiles = row * s_tl
     r = tl.arange(0, TILE_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    ntiles = tl.load(NumTiles + row)
-    start = 0
-    if SPLIT:
-        start = tl.load(NumFull + row)
-        for t in range(0, start):
-            code = tl.load(TileLevel + row * s_tl + t)
-            first = tl.load(TileSeg + row * s_tl + t)
-            if N == TILE_N:  # one whole key block fills the tile: a contiguous, aligned run of rows
-                prow = tl.multiple_of(tl.load(seg_row + first), TILE_N) + r
-                valid = r < TILE_N
-                k = tl.load(kbase + prow[:, None] * skl + dd[None, :])
-                v = tl.load(vbase + prow[:, None] * svl + dd[None, :])
-            else:
-                k, v, prow, valid = _gather_tile(kbase, vbase, seg_row, first, 1, r, skl, svl, dd, N, TILE_N, PACKED)
-            s = tl.dot(q, tl.trans(k)) * sm_scale_log2
-            if code < 0:
-                s += (tl.load(Bias + prow, mask=valid, other=float("-inf")) * 1.4426950408889634)[None, :]
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
-    for t in range(start, ntiles):
-        code = tl.load(TileLevel + row * s_tl + t)
-        first = tl.load(TileSeg + row * s_tl + t)
-        lvl = tl.abs(code)
-        if (N == TILE_N) & (lvl == 1):
+    nfull = tl.load(Counts + row * 3 + 0)
+    nregular = tl.load(Counts + row * 3 + 1)
+    nmasked = tl.load(Counts + row * 3 + 2)
+    for t in range(0, nfull):
+        first = tl.load(TileSeg + tiles + t)
+        if N == TILE_N:  # one whole key block fills the tile: a contiguous, aligned run of rows
             prow = tl.multiple_of(tl.load(seg_row + first), TILE_N) + r
-            valid = r < TILE_N
             k = tl.load(kbase + prow[:, None] * skl + dd[None, :])
             v = tl.load(vbase + prow[:, None] * svl + dd[None, :])
         else:
-            k, v, prow, valid = _gather_tile(kbase, vbase, seg_row, first, lvl, r, skl, svl, dd, N, TILE_N, PACKED)
+            k, v, prow, valid = _gather_tile(kbase, vbase, seg_row, first, 1, r, skl, svl, dd,
+                                             N, TILE_N, PACKED, False)
         s = tl.dot(q, tl.trans(k)) * sm_scale_log2
-        if code < 0:
-            s += (tl.load(Bias + prow, mask=valid, other=float("-inf")) * 1.4426950408889634)[None, :]
-        else:
-            s += tl.log2(lvl.to(tl.float32))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _attend_tile(q, k, v, s, m_i, l_i, acc)
+    for t in range(nfull, nregular):
+        lvl = tl.load(TileLevel + tiles + t)
+        first = tl.load(TileSeg + tiles + t)
+        k, v, prow, valid = _gather_tile(kbase, vbase, seg_row, first, lvl, r, skl, svl, dd,
+                                         N, TILE_N, PACKED, False)
+        s = tl.dot(q, tl.trans(k)) * sm_scale_log2 + tl.log2(lvl.to(tl.float32))
+        m_i, l_i, acc = _attend_tile(q, k, v, s, m_i, l_i, acc)
+    for t in range(s_tl - nmasked, s_tl):
+        lvl = tl.load(TileLevel + tiles + t)
+        first = tl.load(TileSeg + tiles + t)
+        k, v, prow, valid = _gather_tile(kbase, vbase, seg_row, first, lvl, r, skl, svl, dd,
+                                         N, TILE_N, PACKED, True)
+        bias = tl.load(Bias + prow, mask=valid, other=float("-inf")) * 1.4426950408889634
+        s = tl.dot(q, tl.trans(k)) * sm_scale_log2 + bias[None, :]
+        m_i, l_i, acc = _attend_tile(q, k, v, s, m_i, l_i, acc)
     acc = acc / l_i[:, None]
     tl.store(Out + b * sob + h * soh + src[:, None] * sol + dd[None, :], acc.to(Out.dtype.element_ty),
              mask=qmask[:, None])
@@ -412,23 +428,22 @@ def kernel_launch_config(m: int, tile_n: int) -> tuple[int, int]:
 
 def attention_triton(q: torch.Tensor, pyr: Pyramid, sched: Schedule, m: int,
                      out: torch.Tensor | None = None, num_warps: int | None = None,
-                     num_stages: int | None = None, perm: torch.Tensor | None = None,
-                     split: bool = True) -> torch.Tensor:
+                     num_stages: int | None = None, perm: torch.Tensor | None = None) -> torch.Tensor:
     """The pyramid attention kernel over a schedule; same function as attention_reference.
 
     With ``perm``, q and the output are in the caller's order (arranged = x[..., perm, :])."""
     B, H, L, D = q.shape
-    nqb = sched.num_tiles.shape[-1]
+    nqb = sched.counts.shape[2]
     if out is None:
         out = torch.empty_like(q)
     warps, stages = kernel_launch_config(m, sched.tile_n)
     sm_scale_log2 = LOG2E / math.sqrt(D)
     _pyramid_attn_kernel[(nqb, B * H)](
-        q, pyr.k, pyr.v, pyr.bias, out, sched.tile_level, sched.tile_seg, sched.num_tiles, sched.num_full,
-        sched.segs, perm if perm is not None else sched.num_tiles, L, sm_scale_log2,
+        q, pyr.k, pyr.v, pyr.bias, out, sched.tile_level, sched.tile_seg, sched.counts,
+        sched.segs, perm if perm is not None else sched.counts, L, sm_scale_log2,
         q.stride(0), q.stride(1), q.stride(2), pyr.k.stride(0), pyr.k.stride(1), pyr.k.stride(2),
         pyr.v.stride(0), pyr.v.stride(1), pyr.v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         sched.tile_level.stride(2), sched.segs.stride(2),
-        H=H, D=D, BLOCK_M=m, N=pyr.n, TILE_N=sched.tile_n, PACKED=sched.packed, HAS_PERM=perm is not None, SPLIT=split,
+        H=H, D=D, BLOCK_M=m, N=pyr.n, TILE_N=sched.tile_n, PACKED=sched.packed, HAS_PERM=perm is not None,
         num_warps=num_warps or warps, num_stages=num_stages or stages)
     return out
