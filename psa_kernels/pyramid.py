@@ -421,9 +421,11 @@ def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, Counts, Segs,
 
 
 def kernel_launch_config(m: int, tile_n: int) -> tuple[int, int]:
-    """(num_warps, num_stages): 8 warps and 3 stages were fastest for every preset and tile
-    width of the H100 sweep (bench_attention.py --sweep); smaller query blocks take 4 warps."""
-    return (8 if m >= 128 else 4), 3
+    """(num_warps, num_stages), the fastest of the H100 sweep (bench_attention.py --sweep):
+    8 warps and 3 stages for 128-row tiles, 4 warps and 2 stages for 64-row tiles."""
+    if m >= 128 and tile_n >= 128:
+        return 8, 3
+    return 4, 2
 
 
 def attention_triton(q: torch.Tensor, pyr: Pyramid, sched: Schedule, m: int,
