@@ -49,7 +49,8 @@ def write_level_map(levels: torch.Tensor, path: Path) -> None:
     for level, colour in COLOURS.items():
         rgb[lv == level] = torch.tensor(colour, dtype=torch.uint8)
     scale = max(1, min(4, 1024 // max(lv.shape)))
-    img = Image.fromarray(rgb.numpy()).resize((lv.shape[1] * scale, lv.shape[0] * scale), Image.NEAREST)
+    img = Image.frombytes("RGB", (lv.shape[1], lv.shape[0]), bytes(rgb.flatten().tolist()))
+    img = img.resize((lv.shape[1] * scale, lv.shape[0] * scale), Image.NEAREST)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
 
