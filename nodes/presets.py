@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from ..psa_kernels.config import ConfigError, ModelConfig, PSAConfig, VideoScale
+from ..psa_kernels.config import ConfigError, ModelConfig, PSAConfig, VideoScale, read_yaml
 
 log = logging.getLogger("psa")
 
@@ -92,18 +92,7 @@ def user_presets_path() -> Path | None:
 
 def _read_yaml(path: Path) -> Any:
     """Parsed YAML of ``path`` (None when missing or empty); ConfigError naming the line otherwise."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        raise ConfigError(f"{path}{at}: malformed YAML: {getattr(e, 'problem', None) or e}") from None
+    data = read_yaml(path, missing_ok=True)
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must map model section names to sections; "
                           f"got {type(data).__name__}")

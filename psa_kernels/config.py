@@ -347,23 +347,34 @@ def parse_attention_config(data: Any, source: str = "attention_config.yaml") -> 
     return {str(name): ModelConfig.from_dict(str(name), section) for name, section in data.items()}
 
 
-def load_attention_config(path: str | Path) -> dict[str, ModelConfig]:
-    """Load a whole attention_config.yaml into ``{section name: ModelConfig}``.
+def read_yaml(path: str | Path, missing_ok: bool = False) -> Any:
+    """Parsed YAML of a file (None when empty, or missing with ``missing_ok``).
 
-    Raises ConfigError naming the file (and line, for YAML syntax errors) or the field.
-    """
+    Raises ConfigError naming the file, and the line for YAML syntax errors."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise ConfigError(f"{path}: cannot read: no such file") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e)
         raise ConfigError(f"{path}{at}: malformed YAML: {problem}") from None
+
+
+def load_attention_config(path: str | Path) -> dict[str, ModelConfig]:
+    """Load a whole attention_config.yaml into ``{section name: ModelConfig}``.
+
+    Raises ConfigError naming the file (and line, for YAML syntax errors) or the field.
+    """
+    data = read_yaml(path)
     try:
         return parse_attention_config(data, str(path))
     except ConfigError as e:

@@ -55,6 +55,21 @@ def estimate_reference(q: torch.Tensor, k: torch.Tensor, m: int, n: int) -> torc
 
 
 @triton.jit
+def _sampled_keys(kbase, Perm, t, kk, dd, L, nkb, skl,
+                  N: tl.constexpr, SK: tl.constexpr, KBLOCKS: tl.constexpr, HAS_PERM: tl.constexpr):
+    """Sampled keys of key blocks t*KBLOCKS ... as a [D, KBLOCKS*SK] tile, and which are real."""
+    k_stride: tl.constexpr = N // SK
+    kblk = t * KBLOCKS + kk // SK
+    krow = kblk * N + (kk % SK) * k_stride + k_stride // 2
+    kvalid = ((krow < L) | (kk % SK == 0)) & (kblk < nkb)
+    krow = tl.minimum(krow, L - 1)
+    if HAS_PERM:  # rows are positions in the arranged order; read them where the caller has them
+        krow = tl.load(Perm + krow)
+    kt = tl.load(kbase + krow[None, :] * skl + dd[:, None], mask=kvalid[None, :], other=0.0)
+    return kt, kvalid
+
+
+@triton.jit
 def _estimate_kernel(Q, K, Out, Perm, L, nqb, nkb, sm_scale_log2,
                      sqb, sqh, sql, skb, skh, skl, sob, soh, soq,
                      H: tl.constexpr, D: tl.constexpr, M: tl.constexpr, N: tl.constexpr,
@@ -70,7 +85,6 @@ def _estimate_kernel(Q, K, Out, Perm, L, nqb, nkb, sm_scale_log2,
     ROWS: tl.constexpr = QBLOCKS * SQ
     TILE: tl.constexpr = KBLOCKS * SK
     q_stride: tl.constexpr = M // SQ
-    k_stride: tl.constexpr = N // SK
 
     i = tl.arange(0, ROWS)
     qblk = pid * QBLOCKS + i // SQ
@@ -88,13 +102,7 @@ def _estimate_kernel(Q, K, Out, Perm, L, nqb, nkb, sm_scale_log2,
     l_i = tl.zeros([ROWS], tl.float32)
     ntiles = tl.cdiv(nkb, KBLOCKS)
     for t in range(0, ntiles):
-        kblk = t * KBLOCKS + kk // SK
-        krow = kblk * N + (kk % SK) * k_stride + k_stride // 2
-        kvalid = ((krow < L) | (kk % SK == 0)) & (kblk < nkb)
-        krow = tl.minimum(krow, L - 1)
-        if HAS_PERM:
-            krow = tl.load(Perm + krow)
-        kt = tl.load(kbase + krow[None, :] * skl + dd[:, None], mask=kvalid[None, :], other=0.0)
+        kt, kvalid = _sampled_keys(kbase, Perm, t, kk, dd, L, nkb, skl, N, SK, KBLOCKS, HAS_PERM)
         s = tl.where(kvalid[None, :], tl.dot(q, kt) * sm_scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
@@ -107,13 +115,7 @@ def _estimate_kernel(Q, K, Out, Perm, L, nqb, nkb, sm_scale_log2,
     jq = pid * QBLOCKS + tl.arange(0, QBLOCKS)
     jk = tl.arange(0, KBLOCKS)
     for t in range(0, ntiles):
-        kblk = t * KBLOCKS + kk // SK
-        krow = kblk * N + (kk % SK) * k_stride + k_stride // 2
-        kvalid = ((krow < L) | (kk % SK == 0)) & (kblk < nkb)
-        krow = tl.minimum(krow, L - 1)
-        if HAS_PERM:
-            krow = tl.load(Perm + krow)
-        kt = tl.load(kbase + krow[None, :] * skl + dd[:, None], mask=kvalid[None, :], other=0.0)
+        kt, kvalid = _sampled_keys(kbase, Perm, t, kk, dd, L, nkb, skl, N, SK, KBLOCKS, HAS_PERM)
         s = tl.dot(q, kt) * sm_scale_log2
         p = tl.where(kvalid[None, :], tl.exp2(s - m_i[:, None]) * w[:, None], 0.0)
         per_q = tl.sum(tl.reshape(p, [QBLOCKS, SQ, TILE]), 1)             # [QBLOCKS, TILE]
