@@ -410,3 +410,26 @@ def test_estimate_triton_matches_reference(grid, text_len, m, n, D, seed, device
     perm = torch.randperm(q.shape[2], generator=torch.Generator().manual_seed(seed)).to(device)
     ref_perm = estimate.estimate_reference(arrange(q, perm), arrange(k, perm), m, n)
     torch.testing.assert_close(estimate.estimate_triton(q, k, m, n, perm), ref_perm, atol=atol, rtol=0)
+
+
+# ----------------------------------------------------------------------------- long rows
+
+@pytest.mark.parametrize("mode", ["topk", "thresholdbound"])
+@pytest.mark.parametrize("ratios", [
+    {1: [0, .05], 2: [.05, .1], 4: [.1, .15], 8: [.15, .25], 0: [.25, 1]},
+    {2: [0, .5], 8: [.5, 1]},
+])
+def test_triton_levels_of_long_rows_match_torch(mode, ratios, device):
+    # More than 2048 key blocks: torch ranks the rows, the kernel assigns the levels.
+    nkb = 2100
+    gen = torch.Generator().manual_seed(nkb)
+    scores = torch.rand(1, 2, 2, nkb, generator=gen) ** 4
+    scores[0, 0, 0, : nkb // 3] = 0.0  # ties at zero: the lower block index ranks first
+    scores /= scores.sum(-1, keepdim=True)
+    cfg = PSAConfig.from_dict({"mask_mode": mode, "mask_ratios": ratios})
+    text_k = torch.zeros(nkb, dtype=torch.bool)
+    text_k[-1] = True
+    want = assign_levels(scores, cfg, text_k_blocks=text_k)
+    got = assign_levels_triton(scores.to(device), cfg, text_k_blocks=text_k.to(device)).cpu()
+    assert got.dtype == torch.int8
+    assert torch.equal(got, want)
