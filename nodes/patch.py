@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..psa_kernels import psa_attention
+from ..psa_kernels import kernel_head_dim, psa_attention
 from .presets import PSAPreset
 
 log = logging.getLogger("psa")
@@ -78,7 +78,7 @@ def unsupported_reason(q: torch.Tensor, mask, head_dim: int) -> str | None:
         return "an attention mask"
     if q.dtype not in _DTYPES:
         return f"dtype {q.dtype}"
-    if q.is_cuda and (head_dim & (head_dim - 1) or not 16 <= head_dim <= 256):
+    if q.is_cuda and not kernel_head_dim(head_dim):
         # The GPU kernels take power-of-two head dims; anything else would run PSA's slow
         # torch reference, which is no faster than the model's own attention.
         return f"head dim {head_dim} on the GPU"

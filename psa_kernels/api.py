@@ -62,13 +62,17 @@ def _unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def kernel_head_dim(head_dim: int) -> bool:
+    """Whether the Triton kernels take this head dimension (a power of two, 16 to 256)."""
+    return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+
+
 def _pick_backend(q: torch.Tensor, backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
-    D = q.shape[-1]
-    ok = q.is_cuda and q.dtype in _TRITON_DTYPES and D >= 16 and D <= 256 and D & (D - 1) == 0
+    ok = q.is_cuda and q.dtype in _TRITON_DTYPES and kernel_head_dim(q.shape[-1])
     return "triton" if ok else "torch"
 
 
