@@ -1,0 +1,84 @@
+"""Compile every Triton kernel of psa_kernels for Hopper (sm_90) ahead of time, no GPU needed.
+
+Run by tests/test_psa_compile.py in a process of its own: the kernels must be decorated
+without TRITON_INTERPRET, which the rest of the CPU tests set. Prints one line per variant.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from psa_kernels import estimate, levels, pyramid  # noqa: E402
+from psa_kernels.pyramid import kernel_launch_config  # noqa: E402
+
+HOPPER = GPUTarget("cuda", 90, 32)
+
+
+def compile_for_hopper(kernel, pointers: dict, floats: tuple, constexprs: dict,
+                       num_warps: int = 4, num_stages: int = 2):
+    """Compile ``kernel`` for sm_90: ``pointers`` maps pointer arguments to element types,
+    ``floats`` names fp32 scalars, every other non-constexpr argument is an int32."""
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = "*" + pointers[name]
+        else:
+            signature[name] = "fp32" if name in floats else "i32"
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def variants():
+    """(name, kernel, pointers, floats, constexprs, launch options) of every variant the library launches."""
+    for m, n in ((128, 32), (128, 128)):
+        sq, sk = estimate.sample_counts(m, n)
+        yield (f"estimate m{m} n{n}", estimate._estimate_kernel,
+               {"Q": "bf16", "K": "bf16", "Out": "fp32", "Perm": "i64"}, ("sm_scale_log2",),
+               dict(H=12, D=128, M=m, N=n, SQ=sq, SK=sk, QBLOCKS=128 // sq, KBLOCKS=64 // sk, HAS_PERM=True), {})
+    bounds = ("r1lo", "r1hi", "r2lo", "r2hi", "r4lo", "r4hi", "r8lo", "r8hi")
+    for threshold, nkb, presorted in ((True, 512, False), (False, 4096, True)):
+        yield (f"levels threshold={threshold} nkb={nkb}", levels._assign_levels_kernel,
+               {"Scores": "fp32", "Order": "i64", "Out": "i8"}, bounds,
+               dict(THRESHOLD=threshold, NKB=nkb, PRESORTED=presorted), {})
+    for with_sim in (False, True):
+        yield (f"pyramid build sim={with_sim}", pyramid._pyramid_build_kernel,
+               {"K": "bf16", "V": "bf16", "KP": "bf16", "VP": "bf16", "Bias": "fp32",
+                "SimSum": "fp32", "SimCnt": "fp32", "Perm": "i64"}, (),
+               dict(H=12, D=128, CH=32, WITH_SIM=with_sim, HAS_PERM=True), {})
+    yield ("schedule", pyramid._schedule_kernel,
+           {"Levels": "i8", "Segs": "i32", "TileLevel": "i32", "TileSeg": "i32", "Counts": "i32"}, (),
+           dict(N=32, NKB=1024, PT1=2, PT2=4, PT4=8, PT8=16, MT1=512, MT2=256, MT4=128, MT8=64,
+                AM1=False, AM2=False, AM4=False, AM8=False), {})
+    for m, n, packed in ((128, 128, True), (128, 64, True), (128, 32, True), (128, 128, False)):
+        tile_n = pyramid.tile_width(n)
+        warps, stages = kernel_launch_config(m, tile_n)
+        yield (f"attention m{m} n{n} packed={packed}", pyramid._pyramid_attn_kernel,
+               {"Q": "bf16", "KP": "bf16", "VP": "bf16", "Bias": "fp32", "Out": "bf16", "TileLevel": "i32",
+                "TileSeg": "i32", "Counts": "i32", "Segs": "i32", "Perm": "i64"}, ("sm_scale_log2",),
+               dict(H=12, D=128, BLOCK_M=m, N=n, TILE_N=tile_n, PACKED=packed, HAS_PERM=True),
+               {"num_warps": warps, "num_stages": stages})
+
+
+def main() -> int:
+    failed = 0
+    for name, kernel, pointers, floats, constexprs, options in variants():
+        try:
+            compiled = compile_for_hopper(kernel, pointers, floats, constexprs, **options)
+            # the attention kernel must use Hopper's warpgroup tensor-core instructions
+            mma = "wgmma" in compiled.asm["ptx"]
+            print(f"ok {name}: cubin {len(compiled.asm['cubin'])} bytes, wgmma {mma}", flush=True)
+        except Exception as e:  # report every variant, then fail
+            failed += 1
+            print(f"FAILED {name}: {type(e).__name__}: {str(e)[:400]}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
