@@ -365,6 +365,9 @@ API_CASES = [  # seed, grid, text_len, text_first, D, mode, use_sim_mask, attn_i
     (9, (3, 5, 7), 7, True, 128, "thresholdbound", False, "new_mask_type", (64, 32)),
     (10, (3, 5, 7), 7, False, 64, "thresholdbound", True, "old_mask_type", (64, 32)),
     (11, (2, 3, 5), 0, False, 128, "topk", False, "old_mask_type", (64, 32)),
+    # a key block fills a kernel tile (n >= 64): level-1 tiles take the contiguous path
+    (12, (3, 8, 11), 5, False, 64, "topk", True, "new_mask_type", (64, 64)),
+    (13, (4, 8, 12), 0, False, 64, "thresholdbound", False, "old_mask_type", (128, 128)),
 ]
 
 
