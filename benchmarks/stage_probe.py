@@ -1,4 +1,4 @@
-"""Launch variants of the estimate and level-assignment kernels at 480p and 720p Wan shapes.
+"""Launch variants of the estimate, level-assignment and pyramid-build kernels at Wan shapes.
 
     python3 benchmarks/stage_probe.py
 """
@@ -11,7 +11,7 @@ import torch
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from psa_kernels import PSAConfig, estimate, levels  # noqa: E402
+from psa_kernels import PSAConfig, estimate, levels, pyramid  # noqa: E402
 from psa_kernels.layout import sequence_permutation  # noqa: E402
 from psa_kernels.synthetic import structured_qkv  # noqa: E402
 
@@ -22,15 +22,23 @@ def bench(fn):
 
 def main():
     print("grid        m   n  stage     variant               ms")
-    for grid in ((21, 30, 52), (21, 45, 80)):
+    for grid in ((21, 30, 52),):
         q, k, v = structured_qkv(grid, heads=12, head_dim=128, dtype=torch.bfloat16, device="cuda", seed=1)
         perm, _ = sequence_permutation(grid, device="cuda")
         for m, n in ((128, 32), (128, 64), (128, 128)):
-            for rows in (64, 128):
+            for rows in (128, 256):
                 for tile in (64, 128):
                     for nw in (4, 8):
                         ms = bench(lambda: estimate.estimate_triton(q, k, m, n, perm, rows=rows, tile=tile, num_warps=nw))
                         print(f"{str(grid):11s} {m:3d} {n:3d}  estimate  rows{rows} tile{tile} w{nw}  {ms:7.3f}", flush=True)
+            for sim in (False, True):
+                for chunk in (16, 32, 64):
+                    for nw in (1, 2, 4, 8):
+                        if chunk > n:
+                            continue
+                        ms = bench(lambda: pyramid.build_pyramid_triton(k, v, n, q.shape[2], sim, perm,
+                                                                        chunk=chunk, num_warps=nw))
+                        print(f"{str(grid):11s} {m:3d} {n:3d}  pyramid   sim{int(sim)} ch{chunk} w{nw}    {ms:7.3f}", flush=True)
             scores = estimate.estimate_triton(q, k, m, n, perm)
             for mode in ("topk", "thresholdbound"):
                 cfg = PSAConfig.from_dict({"block_size": {"m": m, "n": n, "tile_n": 16}, "mask_mode": mode})

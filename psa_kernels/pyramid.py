@@ -141,8 +141,8 @@ def _store_pooled(kf, vf, valid, kp, vp, Bias, write_bias, base, c, spl,
 
 
 def build_pyramid_triton(k: torch.Tensor, v: torch.Tensor, n: int, L: int,
-                         with_similarity: bool = False,
-                         perm: torch.Tensor | None = None) -> tuple[Pyramid, torch.Tensor | None]:
+                         with_similarity: bool = False, perm: torch.Tensor | None = None,
+                         chunk: int = 32, num_warps: int = 4) -> tuple[Pyramid, torch.Tensor | None]:
     """Same pyramid as :func:`build_pyramid` in one pass over k and v; with ``with_similarity``
     also the key similarity of :func:`levels.key_similarity` ([B, H, nkb, 3]). With ``perm``,
     k and v are in the caller's order and are arranged on the way."""
@@ -150,7 +150,7 @@ def build_pyramid_triton(k: torch.Tensor, v: torch.Tensor, n: int, L: int,
     nkb = -(-L // n)
     rows1 = nkb * n
     rows = rows1 * 15 // 8
-    chunk = min(n, 32)  # rows per program: small enough to keep the pooled tiles in registers
+    chunk = min(n, chunk)  # rows per program: small enough to keep the pooled tiles in registers
     nchunks = rows1 // chunk
     kp = torch.empty((B, H, rows, D), device=k.device, dtype=k.dtype)
     vp = torch.empty((B, H, rows, D), device=v.device, dtype=v.dtype)
@@ -164,7 +164,7 @@ def build_pyramid_triton(k: torch.Tensor, v: torch.Tensor, n: int, L: int,
         k, v, kp, vp, bias, sim_sum, sim_cnt, perm if perm is not None else bias, L, rows1,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         kp.stride(0), kp.stride(1), kp.stride(2), nchunks * 3,
-        H=H, D=D, CH=chunk, WITH_SIM=with_similarity, HAS_PERM=perm is not None, num_warps=4)
+        H=H, D=D, CH=chunk, WITH_SIM=with_similarity, HAS_PERM=perm is not None, num_warps=num_warps)
     base = {1: 0, 2: rows1, 4: rows1 + rows1 // 2, 8: rows1 + rows1 // 2 + rows1 // 4}
     sim = None
     if with_similarity:
