@@ -127,7 +127,7 @@ def _estimate_kernel(Q, K, Out, Perm, L, nqb, nkb, sm_scale_log2,
 
 def estimate_triton(q: torch.Tensor, k: torch.Tensor, m: int, n: int,
                     perm: torch.Tensor | None = None, rows: int = 128, tile: int = 64,
-                    num_warps: int = 4) -> torch.Tensor:
+                    num_warps: int | None = None) -> torch.Tensor:
     """Same function as :func:`estimate_reference`, as a Triton kernel. With ``perm`` the
     inputs are in the caller's order and are read as ``x[..., perm, :]`` without a copy.
     The launch defaults are the fastest of benchmarks/stage_probe.py on an H100."""
@@ -147,5 +147,5 @@ def estimate_triton(q: torch.Tensor, k: torch.Tensor, m: int, n: int,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         H=H, D=D, M=m, N=n, SQ=sq, SK=sk, QBLOCKS=qblocks, KBLOCKS=kblocks,
-        HAS_PERM=perm is not None, num_warps=num_warps)
+        HAS_PERM=perm is not None, num_warps=num_warps or (8 if n <= 32 else 4))
     return out

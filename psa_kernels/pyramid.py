@@ -21,6 +21,10 @@ import triton.language as tl
 
 LEVEL_ORDER = (1, 2, 4, 8)
 LOG2E = 1.4426950408889634
+# Pyramid build: rows per program and warps, the fastest of benchmarks/stage_probe.py on an
+# H100 (one warp on 16 rows: 0.21 ms at the Wan 1.3B shape, against 0.75 ms with 4 warps on 32).
+BUILD_CHUNK = 16
+BUILD_WARPS = 1
 
 
 @dataclass
@@ -142,7 +146,8 @@ def _store_pooled(kf, vf, valid, kp, vp, Bias, write_bias, base, c, spl,
 
 def build_pyramid_triton(k: torch.Tensor, v: torch.Tensor, n: int, L: int,
                          with_similarity: bool = False, perm: torch.Tensor | None = None,
-                         chunk: int = 32, num_warps: int = 4) -> tuple[Pyramid, torch.Tensor | None]:
+                         chunk: int = BUILD_CHUNK, num_warps: int = BUILD_WARPS,
+                         ) -> tuple[Pyramid, torch.Tensor | None]:
     """Same pyramid as :func:`build_pyramid` in one pass over k and v; with ``with_similarity``
     also the key similarity of :func:`levels.key_similarity` ([B, H, nkb, 3]). With ``perm``,
     k and v are in the caller's order and are arranged on the way."""

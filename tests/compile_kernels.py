@@ -41,7 +41,8 @@ def variants():
         sq, sk = estimate.sample_counts(m, n)
         yield (f"estimate m{m} n{n}", estimate._estimate_kernel,
                {"Q": "bf16", "K": "bf16", "Out": "fp32", "Perm": "i64"}, ("sm_scale_log2",),
-               dict(H=12, D=128, M=m, N=n, SQ=sq, SK=sk, QBLOCKS=128 // sq, KBLOCKS=64 // sk, HAS_PERM=True), {})
+               dict(H=12, D=128, M=m, N=n, SQ=sq, SK=sk, QBLOCKS=128 // sq, KBLOCKS=64 // sk, HAS_PERM=True),
+               {"num_warps": 8 if n <= 32 else 4})
     bounds = ("r1lo", "r1hi", "r2lo", "r2hi", "r4lo", "r4hi", "r8lo", "r8hi")
     for threshold, nkb, presorted in ((True, 512, False), (False, 4096, True)):
         yield (f"levels threshold={threshold} nkb={nkb}", levels._assign_levels_kernel,
@@ -51,7 +52,8 @@ def variants():
         yield (f"pyramid build sim={with_sim}", pyramid._pyramid_build_kernel,
                {"K": "bf16", "V": "bf16", "KP": "bf16", "VP": "bf16", "Bias": "fp32",
                 "SimSum": "fp32", "SimCnt": "fp32", "Perm": "i64"}, (),
-               dict(H=12, D=128, CH=32, WITH_SIM=with_sim, HAS_PERM=True), {})
+               dict(H=12, D=128, CH=pyramid.BUILD_CHUNK, WITH_SIM=with_sim, HAS_PERM=True),
+               {"num_warps": pyramid.BUILD_WARPS})
     yield ("schedule", pyramid._schedule_kernel,
            {"Levels": "i8", "Segs": "i32", "TileLevel": "i32", "TileSeg": "i32", "Counts": "i32"}, (),
            dict(N=32, NKB=1024, PT1=2, PT2=4, PT4=8, PT8=16, MT1=512, MT2=256, MT4=128, MT8=64,
