@@ -101,8 +101,9 @@ def psa_plan(q: torch.Tensor, k: torch.Tensor, cfg: PSAConfig, grid, text_len: i
         q, k, v = (_unit_stride(t) for t in (q, k, v))
         scores = estimate.estimate_triton(q, k, m, n, perm)
         lv = levels_mod.assign_levels_triton(scores, cfg, text_q, text_k)
-        pyr, sim = pyramid.build_pyramid_triton(k, v, n, L, cfg.use_sim_mask, perm)
-        pyr = pyr if keep_pyramid else None
+        if keep_pyramid or cfg.use_sim_mask:
+            pyr, sim = pyramid.build_pyramid_triton(k, v, n, L, cfg.use_sim_mask, perm)
+            pyr = pyr if keep_pyramid else None  # built with k for values: only the similarity is kept
     else:
         qa, ka = arrange(q, perm), arrange(k, perm)
         scores = estimate.estimate_reference(qa, ka, m, n)
