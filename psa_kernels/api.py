@@ -134,9 +134,9 @@ def psa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PSACon
         out = F.scaled_dot_product_attention(q, k, v)
         if not return_stats:
             return out
-        B, H = q.shape[:2]
-        return out, PSAStats(1.0, torch.ones(H), {1: B * H * math.ceil(q.shape[2] / cfg.block_size.m)
-                                                  * math.ceil(q.shape[2] / cfg.block_size.n)})
+        B, H, L = q.shape[:3]
+        pairs = B * H * math.ceil(L / cfg.block_size.m) * math.ceil(L / cfg.block_size.n)
+        return out, PSAStats(1.0, torch.ones(H), {1: pairs, 2: 0, 4: 0, 8: 0, 0: 0})
     H = q.shape[1]
     if plan is None and _pick_backend(q, backend) == "triton":
         group = min(H, heads_per_pass or H)
