@@ -115,6 +115,10 @@ def psa_plan(q: torch.Tensor, k: torch.Tensor, cfg: PSAConfig, grid, text_len: i
     return PSAPlan(perm, inv, scores, lv, video_len, backend, pyr)
 
 
+# torch.compile (ComfyUI's TorchCompileModel included) leaves the call out of its graph: the
+# schedule sizes depend on the data and the caches are plain Python, so tracing it would
+# only add guards and recompiles; the Triton kernels run as they are.
+@torch.compiler.disable
 def psa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PSAConfig, grid,
                   text_len: int = 0, text_first: bool = False, return_stats: bool = False,
                   backend: str = "auto", plan: PSAPlan | None = None, heads_per_pass: int | None = None):

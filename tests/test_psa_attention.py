@@ -483,3 +483,18 @@ def test_bad_inputs_raise_value_error():
     with pytest.raises(ValueError, match=r"T\*H\*W"):
         psa_attention(q, k, v, PSAConfig.from_dict({"type": "dense"}), (2, 3, 6), text_len=3)
     assert issubclass(ConfigError, ValueError)
+
+
+def test_psa_attention_under_torch_compile_matches_eager():
+    # A compiled model calls PSA inside its forward: the call stays out of the graph and
+    # gives the eager result.
+    grid = (2, 3, 5)
+    q, k, v = structured_qkv(grid, heads=2, head_dim=16, seed=9)
+    cfg = _cfg(TOPK, "topk", m=16, n=16)
+    proj = torch.nn.Linear(16, 16)
+
+    def block(x):
+        return proj(psa_attention(x, k, v, cfg, grid, backend="torch")) + x
+
+    compiled = torch.compile(block, backend="eager", fullgraph=False)
+    torch.testing.assert_close(compiled(q), block(q))
