@@ -35,6 +35,7 @@ def main():
     ap.add_argument("--presets", nargs="*", default=None,
                     help="NAME of the section, or SECTION/NAME from another; default: every preset of the section")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="run the model under torch.compile (inductor)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "out"), "bench_wan_forward.json"))
     args = ap.parse_args()
 
@@ -68,9 +69,11 @@ def main():
     section = sections[args.section]
     names = args.presets or list(section.attention_configs)
 
+    run = torch.compile(model) if args.compile else model
+
     def forward(to):
         with torch.no_grad():
-            return model(x, t, context, transformer_options=to)
+            return run(x, t, context, transformer_options=to)
 
     def timed(to):
         out = forward(to)
@@ -85,7 +88,7 @@ def main():
 
     base_to = {"sample_sigmas": sample_sigmas, "sigmas": sample_sigmas[step:step + 1]}
     dense, dense_s = timed(dict(base_to))
-    print(f"{torch.cuda.get_device_name()}  Wan {args.arch} latent {T}x{Hh}x{W} "
+    print(f"{torch.cuda.get_device_name()}  Wan {args.arch}{' compiled' if args.compile else ''} latent {T}x{Hh}x{W} "
           f"(tokens {T * Hh * W // 4})  dense forward {dense_s:.3f} s", flush=True)
     rows = []
     for name in names:
@@ -101,7 +104,7 @@ def main():
         rows.append({"preset": name, "seconds": secs, "speedup": dense_s / secs, "rel_err": err})
         print(json.dumps(rows[-1]), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"arch": args.arch, "latent": [T, Hh, W], "dense_s": dense_s,
+    Path(args.out).write_text(json.dumps({"arch": args.arch, "compiled": args.compile, "latent": [T, Hh, W], "dense_s": dense_s,
                                           "rows": rows}, indent=1))
     print(f"\n{'preset':14s} {'s/forward':>9s} {'speedup':>7s} {'rel err':>8s}")
     print(f"{'dense':14s} {dense_s:9.3f} {1.0:7.2f} {0.0:8.4f}")
