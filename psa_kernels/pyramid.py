@@ -212,7 +212,7 @@ class Schedule:
     """Per (batch, head, query block): tiles to visit and the segments that fill them."""
     tile_level: torch.Tensor   # [B, H, nqb, max_tiles] int32: level of each tile
     tile_seg: torch.Tensor     # [B, H, nqb, max_tiles] int32: first segment of each tile
-    counts: torch.Tensor       # [B, H, nqb, 3] int32: regular level-1 tiles, regular tiles, masked tiles
+    counts: torch.Tensor       # [B, H, nqb, 8] int32: see COUNT_FIELDS
     segs: torch.Tensor         # [B, H, nqb, max_segs] int32: first pyramid row, -1 = empty slot
     tile_n: int                # pyramid rows per tile
     packed: bool               # several segments per tile (new_mask_type)
@@ -220,7 +220,14 @@ class Schedule:
     @property
     def num_tiles(self) -> torch.Tensor:
         """[B, H, nqb] tiles per row."""
-        return self.counts[..., 1] + self.counts[..., 2]
+        return self.counts[..., :5].sum(-1)
+
+
+# Per schedule row: regular tiles of levels 1, 2, 4, 8 (in that order at the front of the
+# tile list), masked tiles (at the back), and the first segment of levels 2, 4, 8 (level 1
+# starts at 0). The kernel finds the segments of the t-th regular tile of level p at
+# seg_p + t * per_tile(p) without reading the tile list.
+COUNT_FIELDS = ("regular1", "regular2", "regular4", "regular8", "masked", "seg2", "seg4", "seg8")
 
 
 def tile_width(n: int) -> int:
@@ -273,20 +280,21 @@ def _schedule_kernel(Levels, Segs, TileLevel, TileSeg, Counts, nkb, tail_block, 
     tlev = TileLevel + row * s_tile
     tseg = TileSeg + row * s_tile
     last = s_tile - 1
-    ns, nr, nm = _schedule_level(lv, kb, nkb, segs, tlev, tseg, 0, 0, 0, tail_block, last, 1, 0, N, PT1, MT1, AM1)
-    nfull = nr
-    ds, dr, dm = _schedule_level(lv, kb, nkb, segs, tlev, tseg, ns, nr, nm, tail_block, last, 2, B2, N, PT2, MT2, AM2)
-    ns += ds
-    nr += dr
-    nm += dm
-    ds, dr, dm = _schedule_level(lv, kb, nkb, segs, tlev, tseg, ns, nr, nm, tail_block, last, 4, B4, N, PT4, MT4, AM4)
-    ns += ds
-    nr += dr
-    nm += dm
-    ds, dr, dm = _schedule_level(lv, kb, nkb, segs, tlev, tseg, ns, nr, nm, tail_block, last, 8, B8, N, PT8, MT8, AM8)
-    tl.store(Counts + row * 3 + 0, nfull)
-    tl.store(Counts + row * 3 + 1, nr + dr)
-    tl.store(Counts + row * 3 + 2, nm + dm)
+    rec = Counts + row * 8
+    n1, r1, m1 = _schedule_level(lv, kb, nkb, segs, tlev, tseg, 0, 0, 0, tail_block, last, 1, 0, N, PT1, MT1, AM1)
+    tl.store(rec + 5, n1)
+    n2, r2, m2 = _schedule_level(lv, kb, nkb, segs, tlev, tseg, n1, r1, m1, tail_block, last, 2, B2, N, PT2, MT2, AM2)
+    tl.store(rec + 6, n1 + n2)
+    n4, r4, m4 = _schedule_level(lv, kb, nkb, segs, tlev, tseg, n1 + n2, r1 + r2, m1 + m2, tail_block, last,
+                                 4, B4, N, PT4, MT4, AM4)
+    tl.store(rec + 7, n1 + n2 + n4)
+    _, r8, m8 = _schedule_level(lv, kb, nkb, segs, tlev, tseg, n1 + n2 + n4, r1 + r2 + r4, m1 + m2 + m4,
+                                tail_block, last, 8, B8, N, PT8, MT8, AM8)
+    tl.store(rec + 0, r1)
+    tl.store(rec + 1, r2)
+    tl.store(rec + 2, r4)
+    tl.store(rec + 3, r8)
+    tl.store(rec + 4, m1 + m2 + m4 + m8)
 
 
 def build_schedule(levels: torch.Tensor, pyr: Pyramid, packed: bool, tile_n: int | None = None) -> Schedule:
@@ -309,7 +317,7 @@ def build_schedule(levels: torch.Tensor, pyr: Pyramid, packed: bool, tile_n: int
     segs = torch.empty((B, H, nqb, max_segs), dtype=torch.int32, device=dev)
     tile_level = torch.empty((B, H, nqb, max_tiles), dtype=torch.int32, device=dev)
     tile_seg = torch.empty((B, H, nqb, max_tiles), dtype=torch.int32, device=dev)
-    counts = torch.empty((B, H, nqb, 3), dtype=torch.int32, device=dev)
+    counts = torch.empty((B, H, nqb, len(COUNT_FIELDS)), dtype=torch.int32, device=dev)
     # without packing, a tile of a level whose block is narrower than the tile has empty rows
     always_masked = {p: per_tile[p] * (n // p) < tn for p in LEVEL_ORDER}
     tail_block = nkb - 1 if nkb * n > pyr.length else -1  # the last key block has padding rows
@@ -325,36 +333,60 @@ def build_schedule(levels: torch.Tensor, pyr: Pyramid, packed: bool, tile_n: int
 
 # ------------------------------------------------------------------------- kernel
 @triton.jit
-def _gather_tile(kbase, vbase, seg_row, first, lvl, r, skl, svl, dd,
-                 N: tl.constexpr, TILE_N: tl.constexpr, PACKED: tl.constexpr, MASKED: tl.constexpr):
-    """Keys and values of a tile made of segments of N/lvl pyramid rows, and their rows.
-    Unless MASKED, every row of the tile is known to be a real pyramid row."""
+def _regular_tile(kbase, vbase, seg_row, seg0, r, skl, svl, dd, SEG_LEN: tl.constexpr, TILE_N: tl.constexpr):
+    """Keys and values of a regular tile: TILE_N real pyramid rows in segments of SEG_LEN rows
+    whose first rows are seg_row[seg0], seg_row[seg0 + 1], ... The address of every row
+    depends on that one load only, so the compiler can prefetch tiles ahead (software
+    pipelining gives up on longer chains of dependent loads)."""
+    if SEG_LEN >= TILE_N:  # one key block fills the tile: a contiguous, aligned run of rows
+        prow = tl.multiple_of(tl.load(seg_row + seg0), TILE_N) + r
+    else:
+        prow = tl.load(seg_row + seg0 + r // SEG_LEN) + r % SEG_LEN
+    k = tl.load(kbase + prow[:, None] * skl + dd[None, :])
+    v = tl.load(vbase + prow[:, None] * svl + dd[None, :])
+    return k, v
+
+
+@triton.jit
+def _masked_tile(kbase, vbase, seg_row, first, lvl, r, skl, svl, dd,
+                 N: tl.constexpr, TILE_N: tl.constexpr, PACKED: tl.constexpr):
+    """Keys and values of a masked tile (segments of N/lvl rows, empty slots -1), its rows
+    and which of them are real."""
     seg_len = N // lvl
     slot = r // seg_len
-    if MASKED:
-        in_tile = (r < TILE_N) if PACKED else (slot < 1)
-        seg = tl.load(seg_row + first + slot, mask=in_tile, other=-1)
-        valid = seg >= 0
-        prow = tl.where(valid, seg + r % seg_len, 0)
-        k = tl.load(kbase + prow[:, None] * skl + dd[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(vbase + prow[:, None] * svl + dd[None, :], mask=valid[:, None], other=0.0)
-    else:
-        prow = tl.load(seg_row + first + slot) + r % seg_len
-        valid = r < TILE_N
-        k = tl.load(kbase + prow[:, None] * skl + dd[None, :])
-        v = tl.load(vbase + prow[:, None] * svl + dd[None, :])
+    in_tile = (r < TILE_N) if PACKED else (slot < 1)
+    seg = tl.load(seg_row + first + slot, mask=in_tile, other=-1)
+    valid = seg >= 0
+    prow = tl.where(valid, seg + r % seg_len, 0)
+    k = tl.load(kbase + prow[:, None] * skl + dd[None, :], mask=valid[:, None], other=0.0)
+    v = tl.load(vbase + prow[:, None] * svl + dd[None, :], mask=valid[:, None], other=0.0)
     return k, v, prow, valid
 
 
 @triton.jit
-def _attend_tile(q, k, v, s, m_i, l_i, acc):
-    """Online-softmax step: s are the tile's logits (log2 units, bias included)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+def _attend_tile(s, v, scale, bias, m_i, l_i, acc):
+    """Online-softmax step over a tile of raw scores s = q.k; the logits in log2 units are
+    s * scale + bias, with bias a scalar or a per-column vector [1, TILE_N]."""
+    m_new = tl.maximum(m_i, tl.max(s * scale + bias, 1))
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    p = tl.exp2(s * scale + (bias - m_new[:, None]))
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _regular_loop(q, kbase, vbase, seg_row, seg_first, ntiles, r, skl, svl, dd, scale, m_i, l_i, acc,
+                  P: tl.constexpr, N: tl.constexpr, TILE_N: tl.constexpr, PACKED: tl.constexpr):
+    """The regular tiles of level P: every column stands for P real keys (bias log2 P)."""
+    SEG_LEN: tl.constexpr = N // P
+    PER_TILE: tl.constexpr = TILE_N // SEG_LEN if PACKED else 1
+    BIAS: tl.constexpr = 0.0 if P == 1 else (1.0 if P == 2 else (2.0 if P == 4 else 3.0))
+    for t in range(0, ntiles):
+        k, v = _regular_tile(kbase, vbase, seg_row, seg_first + t * PER_TILE, r, skl, svl, dd, SEG_LEN, TILE_N)
+        s = tl.dot(q, tl.trans(k))
+        m_i, l_i, acc = _attend_tile(s, v, scale, BIAS, m_i, l_i, acc)
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -365,10 +397,9 @@ def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, Counts, Segs,
                          H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                          N: tl.constexpr, TILE_N: tl.constexpr, PACKED: tl.constexpr,
                          HAS_PERM: tl.constexpr):
-    # Three branch-free loops, so that loads pipeline: regular level-1 tiles (contiguous when
-    # a key block fills the tile), regular pooled tiles (every column stands for lvl real
-    # keys: scalar bias log2(lvl)), and masked tiles (empty slots or the partial last block:
-    # masked loads and the per-row ln(count) bias).
+    # Branch-free loops, so that loads pipeline: the regular tiles of each level in a loop of
+    # their own (segment length and bias known at compile time), then the masked tiles
+    # (empty slots or the partial last block: masked loads and the per-row ln(count) bias).
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -387,39 +418,26 @@ def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, Counts, Segs,
     seg_row = Segs + row * s_seg
     tiles = row * s_tl
     r = tl.arange(0, TILE_N)
+    rec = Counts + row * 8
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    nfull = tl.load(Counts + row * 3 + 0)
-    nregular = tl.load(Counts + row * 3 + 1)
-    nmasked = tl.load(Counts + row * 3 + 2)
-    for t in range(0, nfull):
-        first = tl.load(TileSeg + tiles + t)
-        if N == TILE_N:  # one whole key block fills the tile: a contiguous, aligned run of rows
-            prow = tl.multiple_of(tl.load(seg_row + first), TILE_N) + r
-            k = tl.load(kbase + prow[:, None] * skl + dd[None, :])
-            v = tl.load(vbase + prow[:, None] * svl + dd[None, :])
-        else:
-            k, v, prow, valid = _gather_tile(kbase, vbase, seg_row, first, 1, r, skl, svl, dd,
-                                             N, TILE_N, PACKED, False)
-        s = tl.dot(q, tl.trans(k)) * sm_scale_log2
-        m_i, l_i, acc = _attend_tile(q, k, v, s, m_i, l_i, acc)
-    for t in range(nfull, nregular):
+    scale = sm_scale_log2
+    m_i, l_i, acc = _regular_loop(q, kbase, vbase, seg_row, 0, tl.load(rec + 0), r, skl, svl, dd, scale,
+                                  m_i, l_i, acc, 1, N, TILE_N, PACKED)
+    m_i, l_i, acc = _regular_loop(q, kbase, vbase, seg_row, tl.load(rec + 5), tl.load(rec + 1), r, skl, svl, dd,
+                                  scale, m_i, l_i, acc, 2, N, TILE_N, PACKED)
+    m_i, l_i, acc = _regular_loop(q, kbase, vbase, seg_row, tl.load(rec + 6), tl.load(rec + 2), r, skl, svl, dd,
+                                  scale, m_i, l_i, acc, 4, N, TILE_N, PACKED)
+    m_i, l_i, acc = _regular_loop(q, kbase, vbase, seg_row, tl.load(rec + 7), tl.load(rec + 3), r, skl, svl, dd,
+                                  scale, m_i, l_i, acc, 8, N, TILE_N, PACKED)
+    for t in range(s_tl - tl.load(rec + 4), s_tl):
         lvl = tl.load(TileLevel + tiles + t)
         first = tl.load(TileSeg + tiles + t)
-        k, v, prow, valid = _gather_tile(kbase, vbase, seg_row, first, lvl, r, skl, svl, dd,
-                                         N, TILE_N, PACKED, False)
-        s = tl.dot(q, tl.trans(k)) * sm_scale_log2 + tl.log2(lvl.to(tl.float32))
-        m_i, l_i, acc = _attend_tile(q, k, v, s, m_i, l_i, acc)
-    for t in range(s_tl - nmasked, s_tl):
-        lvl = tl.load(TileLevel + tiles + t)
-        first = tl.load(TileSeg + tiles + t)
-        k, v, prow, valid = _gather_tile(kbase, vbase, seg_row, first, lvl, r, skl, svl, dd,
-                                         N, TILE_N, PACKED, True)
+        k, v, prow, valid = _masked_tile(kbase, vbase, seg_row, first, lvl, r, skl, svl, dd, N, TILE_N, PACKED)
         bias = tl.load(Bias + prow, mask=valid, other=float("-inf")) * 1.4426950408889634
-        s = tl.dot(q, tl.trans(k)) * sm_scale_log2 + bias[None, :]
-        m_i, l_i, acc = _attend_tile(q, k, v, s, m_i, l_i, acc)
+        m_i, l_i, acc = _attend_tile(tl.dot(q, tl.trans(k)), v, scale, bias[None, :], m_i, l_i, acc)
     acc = acc / l_i[:, None]
     tl.store(Out + b * sob + h * soh + src[:, None] * sol + dd[None, :], acc.to(Out.dtype.element_ty),
              mask=qmask[:, None])

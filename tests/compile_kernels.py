@@ -22,16 +22,23 @@ HOPPER = GPUTarget("cuda", 90, 32)
 def compile_for_hopper(kernel, pointers: dict, floats: tuple, constexprs: dict,
                        num_warps: int = 4, num_stages: int = 2):
     """Compile ``kernel`` for sm_90: ``pointers`` maps pointer arguments to element types,
-    ``floats`` names fp32 scalars, every other non-constexpr argument is an int32."""
-    signature = {}
-    for name in kernel.arg_names:
+    ``floats`` names fp32 scalars, every other non-constexpr argument is an int32.
+
+    As the launcher does for torch tensors and for integers that are multiples of 16, the
+    pointers and the row strides (arguments named s*l, s*h, s*b) are marked 16-divisible:
+    without that the compiler cannot vectorise or software-pipeline the loads."""
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
         elif name in pointers:
             signature[name] = "*" + pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "fp32" if name in floats else "i32"
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+            if len(name) == 3 and name[0] == "s" and name[2] in "lhb":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
 
 

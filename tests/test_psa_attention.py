@@ -228,17 +228,26 @@ def _decode_schedule(sched, pyr, nkb, L):
     for b in range(B):
         for h in range(H):
             for i in range(nqb):
-                nfull, nregular, nmasked = (int(c) for c in counts[b, h, i])
+                rec = dict(zip(pyramid.COUNT_FIELDS, (int(c) for c in counts[b, h, i])))
+                per_level = [rec[f"regular{p}"] for p in (1, 2, 4, 8)]
+                nregular, nmasked = sum(per_level), rec["masked"]
                 assert nregular + nmasked <= max_tiles
+                # regular tiles: level by level, the t-th of level p at a position the kernel
+                # computes from the record alone
+                regular_level = [p for p, c in zip((1, 2, 4, 8), per_level) for _ in range(c)]
+                regular_index = [t for c in per_level for t in range(c)]
                 order = [(t, True) for t in range(nregular)] + [(t, False) for t in range(max_tiles - nmasked, max_tiles)]
                 seen, tiles = [], []
                 for t, regular in order:
                     p = int(tile_level[b, h, i, t])
                     assert p in (1, 2, 4, 8), p
-                    assert (p == 1) == (t < nfull) or not regular, f"level-1 tiles must come first: {(b, h, i, t)}"
                     first = int(tile_seg[b, h, i, t])
                     seg_len = n // p
                     slots = tn // seg_len if sched.packed else 1
+                    if regular:
+                        assert p == regular_level[t], f"regular tiles must go level by level: {(b, h, i, t)}"
+                        seg_start = rec[f"seg{p}"] if p > 1 else 0
+                        assert first == seg_start + regular_index[t] * slots, (b, h, i, t)
                     empty = slots * seg_len < tn
                     blocks = []
                     for s_ in range(slots):
