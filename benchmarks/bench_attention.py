@@ -66,14 +66,20 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also time kernel tile / warp / stage variants")
     ap.add_argument("--passes", type=int, nargs="*", default=[],
                     help="also time whole calls with these heads_per_pass values (first preset)")
+    ap.add_argument("--sample-q", type=int, default=estimate.SAMPLE_Q,
+                    help="sampled queries per query block of the estimate (library default %(default)s)")
+    ap.add_argument("--key-stride", type=int, default=estimate.KEY_STRIDE,
+                    help="one sampled key in this many for the estimate (library default %(default)s)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "out"), "bench_attention.json"))
     args = ap.parse_args()
+    estimate.SAMPLE_Q, estimate.KEY_STRIDE = args.sample_q, args.key_stride
     dev = "cuda"
     grid = tuple(args.grid)
     t0 = time.time()
     q, k, v = structured_qkv(grid, heads=args.heads, head_dim=args.dim, dtype=torch.bfloat16, device=dev, seed=1)
     B, H, L, D = q.shape
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  shape B={B} H={H} L={L} D={D}  "
+          f"estimate samples {args.sample_q} q/block, 1 key in {args.key_stride}  "
           f"inputs {time.time() - t0:.1f}s", flush=True)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     sdpa = torch.nn.functional.scaled_dot_product_attention

@@ -1,6 +1,7 @@
 """Public entry points: :func:`psa_attention` and the inspectable :func:`psa_plan`."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -83,8 +84,7 @@ def psa_plan(q: torch.Tensor, k: torch.Tensor, cfg: PSAConfig, grid, text_len: i
     Given ``v`` too, the Triton path keeps the key/value pyramid it builds for the guard, so
     psa_attention(..., plan=plan) does not build it again."""
     keep_pyramid = v is not None
-    v = k if v is None else v
-    _check_inputs(q, k, v, grid, text_len)
+    _check_inputs(q, k, k if v is None else v, grid, text_len)
     backend = _pick_backend(q, backend)
     m, n = cfg.block_size.m, cfg.block_size.n
     L = q.shape[2]
@@ -98,12 +98,12 @@ def psa_plan(q: torch.Tensor, k: torch.Tensor, cfg: PSAConfig, grid, text_len: i
     if backend == "triton":
         # The kernels read the arranged order through perm, so nothing is copied; the pyramid
         # pass reads every key block anyway and measures key similarity on the way.
-        q, k, v = (_unit_stride(t) for t in (q, k, v))
+        q, k = _unit_stride(q), _unit_stride(k)
         scores = estimate.estimate_triton(q, k, m, n, perm)
         lv = levels_mod.assign_levels_triton(scores, cfg, text_q, text_k)
         if keep_pyramid or cfg.use_sim_mask:
-            pyr, sim = pyramid.build_pyramid_triton(k, v, n, L, cfg.use_sim_mask, perm)
-            pyr = pyr if keep_pyramid else None  # built with k for values: only the similarity is kept
+            pyr, sim = pyramid.build_pyramid_triton(k, _unit_stride(v) if keep_pyramid else None, n, L,
+                                                    cfg.use_sim_mask, perm)
     else:
         qa, ka = arrange(q, perm), arrange(k, perm)
         scores = estimate.estimate_reference(qa, ka, m, n)
@@ -130,8 +130,9 @@ def psa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PSACon
     ``return_stats`` also a :class:`PSAStats`. ``type: dense`` presets compute exact
     attention. ``backend``: "auto" (Triton on CUDA, torch elsewhere), "torch", "triton".
     ``plan`` reuses a :func:`psa_plan` result for these inputs. ``heads_per_pass``: the
-    Triton path works on this many heads at a time (default: all); fewer heads per pass
-    bound the memory a call adds (the pyramid of the heads in the pass) at some speed.
+    Triton path builds the key/value pyramid and the tile schedule, most of the memory a
+    call adds, for this many heads at a time (default: all); the estimate and the levels
+    always run for all heads at once.
     """
     _check_inputs(q, k, v, grid, text_len)
     if cfg.is_dense:
@@ -142,19 +143,19 @@ def psa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PSACon
         pairs = B * H * math.ceil(L / cfg.block_size.m) * math.ceil(L / cfg.block_size.n)
         return out, PSAStats(1.0, torch.ones(H), {1: pairs, 2: 0, 4: 0, 8: 0, 0: 0})
     H = q.shape[1]
-    if plan is None and _pick_backend(q, backend) == "triton":
-        group = min(H, heads_per_pass or H)
+    group = min(H, heads_per_pass or H)
+    if plan is None:
+        plan = psa_plan(q, k, cfg, grid, text_len, text_first, backend, v=v if group == H else None)
+    if plan.backend != "triton" or group == H or plan.pyramid is not None:
+        out = _attend(q, k, v, cfg, plan)
+    else:
+        # The estimate and the levels ran for all heads at once (they hold little memory);
+        # the pyramid and the schedule, most of what a call adds, live for one group at a time.
         out = torch.empty_like(q)
-        levels = []
         for h0 in range(0, H, group):
             heads = slice(h0, h0 + group)
-            part = psa_plan(q[:, heads], k[:, heads], cfg, grid, text_len, text_first, "triton", v=v[:, heads])
+            part = dataclasses.replace(plan, levels=plan.levels[:, heads])
             _attend(q[:, heads], k[:, heads], v[:, heads], cfg, part, out[:, heads])
-            levels.append(part.levels)
-        return (out, _stats(torch.cat(levels, dim=1))) if return_stats else out
-    if plan is None:
-        plan = psa_plan(q, k, cfg, grid, text_len, text_first, backend, v=v)
-    out = _attend(q, k, v, cfg, plan)
     return (out, plan.stats()) if return_stats else out
 
 

@@ -90,9 +90,10 @@ def _group_end_cosine(xn, valid, P: tl.constexpr, N: tl.constexpr, D: tl.constex
 def _pyramid_build_kernel(K, V, KP, VP, Bias, SimSum, SimCnt, Perm, L, rows1,
                           skb, skh, skl, svb, svh, svl, spb, sph, spl, sim_bh,
                           H: tl.constexpr, D: tl.constexpr, CH: tl.constexpr, WITH_SIM: tl.constexpr,
-                          HAS_PERM: tl.constexpr):
+                          WITH_PYRAMID: tl.constexpr, HAS_PERM: tl.constexpr):
     # One program: one chunk of CH rows (a key block or a piece of one) of one (batch, head).
     # Pooling groups (at most 8 rows) never cross a chunk, so chunks are independent.
+    # Without WITH_PYRAMID it only measures the key similarity (nothing but k is read).
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -104,18 +105,19 @@ def _pyramid_build_kernel(K, V, KP, VP, Bias, SimSum, SimCnt, Perm, L, rows1,
         src = tl.load(Perm + r, mask=valid, other=0)
     dd = tl.arange(0, D)
     k = tl.load(K + b * skb + h * skh + src[:, None] * skl + dd[None, :], mask=valid[:, None], other=0.0)
-    v = tl.load(V + b * svb + h * svh + src[:, None] * svl + dd[None, :], mask=valid[:, None], other=0.0)
-    kp = KP + b * spb + h * sph
-    vp = VP + b * spb + h * sph
-    tl.store(kp + r[:, None] * spl + dd[None, :], k)
-    tl.store(vp + r[:, None] * spl + dd[None, :], v)
     kf = k.to(tl.float32)
-    vf = v.to(tl.float32)
-    if bh == 0:
-        tl.store(Bias + r, tl.where(valid, 0.0, float("-inf")))
-    _store_pooled(kf, vf, valid, kp, vp, Bias, bh == 0, rows1, c, spl, 2, CH, D)
-    _store_pooled(kf, vf, valid, kp, vp, Bias, bh == 0, rows1 + rows1 // 2, c, spl, 4, CH, D)
-    _store_pooled(kf, vf, valid, kp, vp, Bias, bh == 0, rows1 + rows1 // 2 + rows1 // 4, c, spl, 8, CH, D)
+    if WITH_PYRAMID:
+        v = tl.load(V + b * svb + h * svh + src[:, None] * svl + dd[None, :], mask=valid[:, None], other=0.0)
+        kp = KP + b * spb + h * sph
+        vp = VP + b * spb + h * sph
+        tl.store(kp + r[:, None] * spl + dd[None, :], k)
+        tl.store(vp + r[:, None] * spl + dd[None, :], v)
+        vf = v.to(tl.float32)
+        if bh == 0:
+            tl.store(Bias + r, tl.where(valid, 0.0, float("-inf")))
+        _store_pooled(kf, vf, valid, kp, vp, Bias, bh == 0, rows1, c, spl, 2, CH, D)
+        _store_pooled(kf, vf, valid, kp, vp, Bias, bh == 0, rows1 + rows1 // 2, c, spl, 4, CH, D)
+        _store_pooled(kf, vf, valid, kp, vp, Bias, bh == 0, rows1 + rows1 // 2 + rows1 // 4, c, spl, 8, CH, D)
     if WITH_SIM:
         kn = kf / tl.maximum(tl.sqrt(tl.sum(kf * kf, 1)), 1e-12)[:, None]
         at = bh * sim_bh + c * 3
@@ -144,22 +146,27 @@ def _store_pooled(kf, vf, valid, kp, vp, Bias, write_bias, base, c, spl,
         tl.store(Bias + rp, tl.where(cnt > 0, tl.log(tl.maximum(cnt, 1.0)), float("-inf")))
 
 
-def build_pyramid_triton(k: torch.Tensor, v: torch.Tensor, n: int, L: int,
+def build_pyramid_triton(k: torch.Tensor, v: torch.Tensor | None, n: int, L: int,
                          with_similarity: bool = False, perm: torch.Tensor | None = None,
                          chunk: int = BUILD_CHUNK, num_warps: int = BUILD_WARPS,
-                         ) -> tuple[Pyramid, torch.Tensor | None]:
+                         ) -> tuple[Pyramid | None, torch.Tensor | None]:
     """Same pyramid as :func:`build_pyramid` in one pass over k and v; with ``with_similarity``
     also the key similarity of :func:`levels.key_similarity` ([B, H, nkb, 3]). With ``perm``,
-    k and v are in the caller's order and are arranged on the way."""
+    k and v are in the caller's order and are arranged on the way. With ``v`` None only the
+    similarity is measured and no pyramid is allocated."""
     B, H, _, D = k.shape
     nkb = -(-L // n)
     rows1 = nkb * n
     rows = rows1 * 15 // 8
     chunk = min(n, chunk)  # rows per program: small enough to keep the pooled tiles in registers
     nchunks = rows1 // chunk
-    kp = torch.empty((B, H, rows, D), device=k.device, dtype=k.dtype)
-    vp = torch.empty((B, H, rows, D), device=v.device, dtype=v.dtype)
-    bias = torch.empty(rows, device=k.device, dtype=torch.float32)
+    with_pyramid = v is not None
+    if with_pyramid:
+        kp = torch.empty((B, H, rows, D), device=k.device, dtype=k.dtype)
+        vp = torch.empty((B, H, rows, D), device=v.device, dtype=v.dtype)
+        bias = torch.empty(rows, device=k.device, dtype=torch.float32)
+    else:
+        v = kp = vp = bias = k
     if with_similarity:
         sim_sum = torch.empty((B, H, nchunks, 3), device=k.device, dtype=torch.float32)
         sim_cnt = torch.empty_like(sim_sum)
@@ -169,14 +176,15 @@ def build_pyramid_triton(k: torch.Tensor, v: torch.Tensor, n: int, L: int,
         k, v, kp, vp, bias, sim_sum, sim_cnt, perm if perm is not None else bias, L, rows1,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         kp.stride(0), kp.stride(1), kp.stride(2), nchunks * 3,
-        H=H, D=D, CH=chunk, WITH_SIM=with_similarity, HAS_PERM=perm is not None, num_warps=num_warps)
+        H=H, D=D, CH=chunk, WITH_SIM=with_similarity, WITH_PYRAMID=with_pyramid, HAS_PERM=perm is not None,
+        num_warps=num_warps)
     base = {1: 0, 2: rows1, 4: rows1 + rows1 // 2, 8: rows1 + rows1 // 2 + rows1 // 4}
     sim = None
     if with_similarity:
         per_block = n // chunk
         sim = (sim_sum.view(B, H, nkb, per_block, 3).sum(3)
                / sim_cnt.view(B, H, nkb, per_block, 3).sum(3).clamp_min(1.0))
-    return Pyramid(kp, vp, bias, base, n, L), sim
+    return (Pyramid(kp, vp, bias, base, n, L) if with_pyramid else None), sim
 
 
 def attention_reference(q: torch.Tensor, pyr: Pyramid, levels: torch.Tensor, m: int,

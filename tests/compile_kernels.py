@@ -55,11 +55,12 @@ def variants():
         yield (f"levels threshold={threshold} nkb={nkb}", levels._assign_levels_kernel,
                {"Scores": "fp32", "Order": "i64", "Out": "i8"}, bounds,
                dict(THRESHOLD=threshold, NKB=nkb, PRESORTED=presorted), {})
-    for with_sim in (False, True):
-        yield (f"pyramid build sim={with_sim}", pyramid._pyramid_build_kernel,
+    for with_sim, with_pyramid in ((False, True), (True, True), (True, False)):
+        yield (f"pyramid build sim={with_sim} pyramid={with_pyramid}", pyramid._pyramid_build_kernel,
                {"K": "bf16", "V": "bf16", "KP": "bf16", "VP": "bf16", "Bias": "fp32",
                 "SimSum": "fp32", "SimCnt": "fp32", "Perm": "i64"}, (),
-               dict(H=12, D=128, CH=pyramid.BUILD_CHUNK, WITH_SIM=with_sim, HAS_PERM=True),
+               dict(H=12, D=128, CH=pyramid.BUILD_CHUNK, WITH_SIM=with_sim, WITH_PYRAMID=with_pyramid,
+                    HAS_PERM=True),
                {"num_warps": pyramid.BUILD_WARPS})
     yield ("schedule", pyramid._schedule_kernel,
            {"Levels": "i8", "Segs": "i32", "TileLevel": "i32", "TileSeg": "i32", "Counts": "i32"}, (),

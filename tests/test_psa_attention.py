@@ -186,6 +186,9 @@ def test_build_pyramid_triton_matches_torch(n, L, D, device):
     torch.testing.assert_close(sim, levels_mod.key_similarity(k, n, L), atol=1e-5, rtol=0)
     none_pyr, none_sim = pyramid.build_pyramid_triton(k, v, n, L)
     assert none_sim is None and torch.equal(none_pyr.k, got.k)
+    # similarity alone: the same numbers, and no pyramid
+    no_pyr, sim_only = pyramid.build_pyramid_triton(k, None, n, L, with_similarity=True)
+    assert no_pyr is None and torch.equal(sim_only, sim)
 
 
 @pytest.mark.parametrize("n,m,L", [(16, 32, 101), (64, 64, 200), (128, 16, 300)])
@@ -330,6 +333,22 @@ def test_dense_preset_returns_sdpa_exactly(device):
 
 
 # ----------------------------------------------------------------------------- end to end
+
+@pytest.mark.parametrize("use_sim_mask", [False, True])
+@pytest.mark.parametrize("heads_per_pass", [1, 2])
+def test_heads_in_passes_give_the_same_output(use_sim_mask, heads_per_pass, device):
+    # passes only change which heads' pyramid and schedule exist at one time, never the result
+    if not ON_CUDA and not INTERPRETER:
+        pytest.skip("the Triton path needs CUDA or the interpreter")
+    grid = (3, 5, 7)
+    q, k, v = structured_qkv(grid, heads=3, head_dim=32, batch=2, text_len=5, seed=heads_per_pass, device=device)
+    cfg = _cfg(TOPK, "topk", m=32, n=16, use_sim_mask=use_sim_mask, sim_thresholds={"x2": 0.9, "x4": 0.8, "x8": 0.7})
+    whole, st_whole = psa_attention(q, k, v, cfg, grid, 5, backend="triton", return_stats=True)
+    out, st = psa_attention(q, k, v, cfg, grid, 5, backend="triton", return_stats=True, heads_per_pass=heads_per_pass)
+    assert not torch.isnan(out).any()
+    assert torch.equal(out, whole)
+    assert st.level_counts == st_whole.level_counts and {2, 4, 8} & {p for p, c in st.level_counts.items() if c}
+
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("text_first", [False, True])

@@ -111,3 +111,11 @@ def test_all_full_resolution_equals_sdpa(n, impl, wan_qkv, dense_out):
     assert stats.density == 1.0
     assert torch.isfinite(out).all()
     assert err < 1e-2
+
+
+def test_heads_in_passes_match_one_pass(wan_qkv):
+    q, k, v = wan_qkv
+    cfg = PSAConfig.from_dict(PRESETS["seed/my_custom_preset+sim"])
+    whole = psa_attention(q, k, v, cfg, GRID)
+    for group in (1, 5):
+        assert torch.equal(psa_attention(q, k, v, cfg, GRID, heads_per_pass=group), whole), group
