@@ -131,27 +131,38 @@ class PSAModelPatch:
         return func(*args, **kwargs)
 
     # -------------------------------------------------------------- per forward
+    # Under torch.compile (ComfyUI's TorchCompileModel) this wrapper is traced as part of the
+    # model's forward. The executor call stays traceable, so the model is still compiled; the
+    # context (step from the sigmas on the host, log-once memory, the density log) is built and
+    # read outside the graph, where tracing would only break the graph and add guards.
     def forward_wrapper(self, executor, *args, **kwargs):
+        args, kwargs, ctx = self._enter(executor.class_obj, args, kwargs)
+        out = executor(*args, **kwargs)
+        if ctx is not None and self.preset.config.verbose:
+            self._log_forward(ctx)
+        return out
+
+    @torch.compiler.disable
+    def _enter(self, model, args, kwargs):
+        """The forward's arguments with the context added to its transformer_options, and the
+        context; the arguments as they were and None when PSA is off for this forward."""
         if isinstance(kwargs.get("transformer_options"), dict):
             to = kwargs["transformer_options"]
         elif args and isinstance(args[-1], dict):
             to = args[-1]
         else:
             self._once("no-to", "model forward without transformer_options: PSA is off for this model")
-            return executor(*args, **kwargs)
+            return args, kwargs, None
         if to.get(OVERRIDE_KEY) is not self:
             self._once("replaced", "another attention override replaced PSA's on this model: PSA is off")
-            return executor(*args, **kwargs)
-        ctx = self._context(executor.class_obj, args, kwargs, to)
+            return args, kwargs, None
+        ctx = self._context(model, args, kwargs, to)
         to = {**to, CTX_KEY: ctx}
         if "transformer_options" in kwargs:
-            kwargs["transformer_options"] = to
+            kwargs = {**kwargs, "transformer_options": to}
         else:
             args = args[:-1] + (to,)
-        out = executor(*args, **kwargs)
-        if self.preset.config.verbose:
-            self._log_forward(ctx)
-        return out
+        return args, kwargs, ctx
 
     def _context(self, model, args, kwargs, to) -> ForwardContext:
         x = _arg(args, kwargs, _WAN_ARGS, "x")
@@ -180,6 +191,7 @@ class PSAModelPatch:
                               "self- and cross-attention cannot be told apart")
         return ctx
 
+    @torch.compiler.disable
     def _log_forward(self, ctx: ForwardContext) -> None:
         step = f"step {ctx.step[0] + 1}/{ctx.step[1]}" if ctx.step else "step ?"
         if ctx.off_reason:
@@ -192,6 +204,12 @@ class PSAModelPatch:
                  mean, blocks)
 
     # -------------------------------------------------------------- per attention call
+    # Kept out of torch.compile graphs as a whole, like psa_attention: the routing counts the
+    # blocks and logs in the per-forward context, and dynamo guards on that state (the block
+    # counter, the length of the density list, the step) would recompile this function for
+    # every block until its recompile limit. The model's own attention, for the calls that
+    # fall back, then runs uncompiled too: a single attention op, little for a compiler to fuse.
+    @torch.compiler.disable
     def __call__(self, func, *args, **kwargs):
         to = kwargs.get("transformer_options") or {}
         ctx: ForwardContext | None = to.get(CTX_KEY)

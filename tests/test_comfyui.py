@@ -4,6 +4,7 @@ Without COMFYUI_PATH every test here is skipped, with a warning saying so."""
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from pathlib import Path
 
@@ -37,7 +38,10 @@ def server(comfy, tmp_path_factory):
     base = new_base(tmp_path_factory.mktemp("comfy"), comfy)
     make_tiny_wan(comfy, base / "models" / "diffusion_models" / MODEL_A, seed=1)
     make_tiny_wan(comfy, base / "models" / "diffusion_models" / MODEL_B, seed=2)
-    srv = ComfyServer(comfy, base)
+    # For the TorchCompileModel test: dynamo reports recompiles in the log, and inductor writes
+    # its generated code to a cache of this server's own, so a compile there happened here.
+    srv = ComfyServer(comfy, base, env={"TORCH_LOGS": "recompiles",
+                                        "TORCHINDUCTOR_CACHE_DIR": str(base / "inductor")})
     yield srv
     srv.stop()
 
@@ -210,6 +214,40 @@ def test_wan22_pair_of_models_with_ksampler_advanced(server):
     assert torch.equal(out["baseline"], out["ref"])
     diff = rel_diff(out["psa"], out["ref"])
     assert 1e-4 < diff < 0.5, diff
+
+
+def test_torch_compile_model_runs_psa(server):
+    """ComfyUI's TorchCompileModel (inductor) over Apply PSA: PSA runs inside the compiled model,
+    the result is the uncompiled one, and PSA's per-call bookkeeping never makes dynamo recompile."""
+    def prompt(compiled: bool) -> Graph:
+        g = Graph()
+        common = g.common()
+        model = g.add("UNETLoader", unet_name=MODEL_A, weight_dtype="default")
+        # warm-up 1 of 3 steps: one dense step, then PSA, so the schedule changes under compile
+        psa = g.psa(model, preset="psa_balanced", warmup_steps=1, verbose="true")
+        if compiled:
+            g.sample(g.add("TorchCompileModel", model=psa, backend="inductor"), common, "compiled")
+        else:
+            g.sample(model, common, "ref")
+            g.sample(psa, common, "eager")
+        return g
+
+    out = run_ok(server, prompt(compiled=False))
+    start = len(server.log_text())
+    compiled = run_ok(server, prompt(compiled=True))["compiled"]
+    log = server.log_text()[start:]
+    assert any(p.suffix == ".cpp" for p in (server.base / "inductor").rglob("*")), "inductor compiled nothing"
+    density = dict(re.findall(rf"\[PSA\] step (\d+)/{STEPS} grid 3x16x16: mean density (\S+);", log))
+    assert density.get("1") == "-", log  # the warm-up step: the model's own attention
+    assert all(0 < float(density[str(s)]) < 1 for s in range(2, STEPS + 1)), density  # sparse: PSA ran
+    recompiled = [line for line in log.splitlines() if "Recompiling function" in line and PACK_FOLDER in line]
+    assert not recompiled, "\n".join(recompiled)
+    # fp32 on the CPU: inductor fuses and reorders the model's reductions, which moves the result
+    # by ~1e-6 relative over 3 steps; 1e-4 leaves room for that and stays far below the change
+    # PSA itself makes, so a compiled model that had lost PSA would fail.
+    assert rel_diff(out["eager"], out["ref"]) > 1e-3
+    diff = rel_diff(compiled, out["eager"])
+    assert diff < 1e-4, diff
 
 
 def test_auto_section_needs_a_known_model(server):
