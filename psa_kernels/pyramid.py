@@ -373,8 +373,8 @@ def _masked_tile(kbase, vbase, seg_row, first, lvl, r, skl, svl, dd,
 
 @triton.jit
 def _attend_tile(s, v, scale, bias, m_i, l_i, acc):
-    """Online-softmax step over a tile of raw scores s = q.k; the logits in log2 units are
-    s * scale + bias, with bias a scalar or a per-column vector [1, TILE_N]."""
+    """Online-softmax step over a tile of scores s; the logits in log2 units are
+    s * scale + bias (scalar scale and bias: one fused multiply-add per score)."""
     m_new = tl.maximum(m_i, tl.max(s * scale + bias, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s * scale + (bias - m_new[:, None]))
@@ -445,17 +445,20 @@ def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, Counts, Segs,
         first = tl.load(TileSeg + tiles + t)
         k, v, prow, valid = _masked_tile(kbase, vbase, seg_row, first, lvl, r, skl, svl, dd, N, TILE_N, PACKED)
         bias = tl.load(Bias + prow, mask=valid, other=float("-inf")) * 1.4426950408889634
-        m_i, l_i, acc = _attend_tile(tl.dot(q, tl.trans(k)), v, scale, bias[None, :], m_i, l_i, acc)
+        # logits formed once: a vector bias would otherwise be added twice per score
+        s = tl.dot(q, tl.trans(k)) * scale + bias[None, :]
+        m_i, l_i, acc = _attend_tile(s, v, 1.0, 0.0, m_i, l_i, acc)
     acc = acc / l_i[:, None]
     tl.store(Out + b * sob + h * soh + src[:, None] * sol + dd[None, :], acc.to(Out.dtype.element_ty),
              mask=qmask[:, None])
 
 
-def kernel_launch_config(m: int, tile_n: int) -> tuple[int, int]:
-    """(num_warps, num_stages), the fastest of the H100 sweep (bench_attention.py --sweep):
-    8 warps and 3 stages for 128-row tiles, 4 warps and 2 stages for 64-row tiles."""
+def kernel_launch_config(m: int, tile_n: int, packed: bool = True) -> tuple[int, int]:
+    """(num_warps, num_stages), the fastest of the H100 sweeps (benchmarks/NOTES.md): 8 warps
+    and 3 stages for 128-row tiles, 2 stages where one key block per tile leaves most tiles
+    masked (old_mask_type), 4 warps and 2 stages for 64-row tiles."""
     if m >= 128 and tile_n >= 128:
-        return 8, 3
+        return (8, 3) if packed else (8, 2)
     return 4, 2
 
 
@@ -469,7 +472,7 @@ def attention_triton(q: torch.Tensor, pyr: Pyramid, sched: Schedule, m: int,
     nqb = sched.counts.shape[2]
     if out is None:
         out = torch.empty_like(q)
-    warps, stages = kernel_launch_config(m, sched.tile_n)
+    warps, stages = kernel_launch_config(m, sched.tile_n, sched.packed)
     sm_scale_log2 = LOG2E / math.sqrt(D)
     _pyramid_attn_kernel[(nqb, B * H)](
         q, pyr.k, pyr.v, pyr.bias, out, sched.tile_level, sched.tile_seg, sched.counts,

@@ -68,7 +68,7 @@ def variants():
                 AM1=False, AM2=False, AM4=False, AM8=False), {})
     for m, n, packed in ((128, 128, True), (128, 64, True), (128, 32, True), (128, 128, False)):
         tile_n = pyramid.tile_width(n)
-        warps, stages = kernel_launch_config(m, tile_n)
+        warps, stages = kernel_launch_config(m, tile_n, packed)
         yield (f"attention m{m} n{n} packed={packed}", pyramid._pyramid_attn_kernel,
                {"Q": "bf16", "KP": "bf16", "VP": "bf16", "Bias": "fp32", "Out": "bf16", "TileLevel": "i32",
                 "TileSeg": "i32", "Counts": "i32", "Segs": "i32", "Perm": "i64"}, ("sm_scale_log2",),
