@@ -15,6 +15,9 @@ from .config import POOLED_LEVELS, PSAConfig
 
 # thresholdbound: level 1 always keeps at least this share of each row's key blocks.
 MIN_FULL_SHARE = 0.06
+# Rows of more key blocks than this (rounded up to a power of two) are ranked by torch's
+# segmented sort before the level kernel (H100 probe, benchmarks/NOTES.md).
+PRESORT_ABOVE = 1024
 
 
 def _ranked_levels_topk(nkb: int, cfg: PSAConfig, device) -> torch.Tensor:
@@ -115,7 +118,7 @@ def _assign_levels_kernel(Scores, Order, Out, nkb, keep, r1lo, r1hi, r2lo, r2hi,
 def assign_levels_triton(scores: torch.Tensor, cfg: PSAConfig,
                          text_q_blocks: torch.Tensor | None = None,
                          text_k_blocks: torch.Tensor | None = None,
-                         num_warps: int | None = None) -> torch.Tensor:
+                         num_warps: int | None = None, presort_above: int | None = None) -> torch.Tensor:
     """Same levels as :func:`assign_levels`, one Triton program per row.
 
     Cumulative sums are taken in another order than torch's, so a block whose preceding
@@ -135,9 +138,10 @@ def assign_levels_triton(scores: torch.Tensor, cfg: PSAConfig,
         bounds += [lo, hi]
     keep = max(1, math.ceil(MIN_FULL_SHARE * nkb)) if threshold else 0
     nkb_pow2 = triton.next_power_of_2(nkb)
-    # One program sorting thousands of keys is slow (4 ms at 720p with n = 32): torch's
-    # segmented sort ranks long rows, the kernel does the rest.
-    presorted = nkb_pow2 > 2048
+    # One program sorting thousands of keys is slow (at 720p: 4.3 ms for 2363 key blocks,
+    # 1.4 ms for 1182, against 1.0 and 0.46 ms with torch's segmented sort first): long rows
+    # are ranked by torch, the kernel does the rest.
+    presorted = nkb_pow2 > (PRESORT_ABOVE if presort_above is None else presort_above)
     order = scores
     if presorted:
         scores, order = scores.sort(dim=-1, descending=True, stable=True)

@@ -419,9 +419,10 @@ def test_estimate_triton_matches_reference(grid, text_len, m, n, D, seed, device
     {1: [0, .05], 2: [.05, .1], 4: [.1, .15], 8: [.15, .25], 0: [.25, 1]},
     {2: [0, .5], 8: [.5, 1]},
 ])
-def test_triton_levels_of_long_rows_match_torch(mode, ratios, device):
-    # More than 2048 key blocks: torch ranks the rows, the kernel assigns the levels.
-    nkb = 2100
+@pytest.mark.parametrize("nkb,presort_above", [(2100, None), (700, 0), (700, 1 << 20)])
+def test_triton_levels_of_long_rows_match_torch(mode, ratios, nkb, presort_above, device):
+    # Rows over the presort bound are ranked by torch, the kernel assigns the levels; below it
+    # the kernel sorts them itself. Either way, the torch reference's levels.
     gen = torch.Generator().manual_seed(nkb)
     scores = torch.rand(1, 2, 2, nkb, generator=gen) ** 4
     scores[0, 0, 0, : nkb // 3] = 0.0  # ties at zero: the lower block index ranks first
@@ -430,6 +431,7 @@ def test_triton_levels_of_long_rows_match_torch(mode, ratios, device):
     text_k = torch.zeros(nkb, dtype=torch.bool)
     text_k[-1] = True
     want = assign_levels(scores, cfg, text_k_blocks=text_k)
-    got = assign_levels_triton(scores.to(device), cfg, text_k_blocks=text_k.to(device)).cpu()
+    got = assign_levels_triton(scores.to(device), cfg, text_k_blocks=text_k.to(device),
+                               presort_above=presort_above).cpu()
     assert got.dtype == torch.int8
     assert torch.equal(got, want)
