@@ -131,8 +131,9 @@ def psa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PSACon
     attention. ``backend``: "auto" (Triton on CUDA, torch elsewhere), "torch", "triton".
     ``plan`` reuses a :func:`psa_plan` result for these inputs. ``heads_per_pass``: the
     Triton path builds the key/value pyramid and the tile schedule, most of the memory a
-    call adds, for this many heads at a time (default: all); the estimate and the levels
-    always run for all heads at once.
+    call adds, for this many heads at a time; by default all heads at once when the free
+    device memory holds them, else as many as it holds. The estimate and the levels always
+    run for all heads at once.
     """
     _check_inputs(q, k, v, grid, text_len)
     if cfg.is_dense:
@@ -143,7 +144,7 @@ def psa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PSACon
         pairs = B * H * math.ceil(L / cfg.block_size.m) * math.ceil(L / cfg.block_size.n)
         return out, PSAStats(1.0, torch.ones(H), {1: pairs, 2: 0, 4: 0, 8: 0, 0: 0})
     H = q.shape[1]
-    group = min(H, heads_per_pass or H)
+    group = min(H, heads_per_pass or _heads_that_fit(q, cfg))
     if plan is None:
         plan = psa_plan(q, k, cfg, grid, text_len, text_first, backend, v=v if group == H else None)
     if plan.backend != "triton" or group == H or plan.pyramid is not None:
@@ -157,6 +158,25 @@ def psa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PSACon
             part = dataclasses.replace(plan, levels=plan.levels[:, heads])
             _attend(q[:, heads], k[:, heads], v[:, heads], cfg, part, out[:, heads])
     return (out, plan.stats()) if return_stats else out
+
+
+def heads_that_fit(heads: int, bytes_per_head: int, free_bytes: int) -> int:
+    """All heads when their pyramids and schedules fit in 90% of the free memory, else as many
+    as fit (at least one)."""
+    return max(1, min(heads, int(0.9 * free_bytes) // max(1, bytes_per_head)))
+
+
+def _heads_that_fit(q: torch.Tensor, cfg: PSAConfig) -> int:
+    """Heads per pass when the caller names none: all at once (fastest) unless the free device
+    memory is short, so that PSA never runs out of memory where one pass would not fit."""
+    B, H, L, D = q.shape
+    if not q.is_cuda:
+        return H
+    free, _ = torch.cuda.mem_get_info(q.device)
+    free += torch.cuda.memory_reserved(q.device) - torch.cuda.memory_allocated(q.device)
+    per_head = pyramid.attention_bytes_per_head(B, L, D, q.element_size(), cfg.block_size.m, cfg.block_size.n,
+                                                cfg.attn_impl == "new_mask_type")
+    return heads_that_fit(H, per_head, free)
 
 
 def _attend(q, k, v, cfg: PSAConfig, plan: PSAPlan, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -305,6 +305,22 @@ def _schedule_kernel(Levels, Segs, TileLevel, TileSeg, Counts, nkb, tail_block, 
     tl.store(rec + 4, m1 + m2 + m4 + m8)
 
 
+def _schedule_shape(nkb: int, n: int, packed: bool, tn: int):
+    """Segments per tile and the most tiles of each level, and the worst-case segment and
+    tile slots of one schedule row."""
+    per_tile = {p: (tn * p // n if packed else 1) for p in LEVEL_ORDER}
+    max_t = {p: -(-nkb // per_tile[p]) for p in LEVEL_ORDER}
+    return per_tile, max_t, sum(max_t[p] * per_tile[p] for p in LEVEL_ORDER), sum(max_t.values())
+
+
+def attention_bytes_per_head(B: int, L: int, D: int, element_size: int, m: int, n: int, packed: bool) -> int:
+    """Device memory the pyramid and the tile schedule of one head take (B batch entries)."""
+    nkb, nqb = -(-L // n), -(-L // m)
+    _, _, max_segs, max_tiles = _schedule_shape(nkb, n, packed, tile_width(n))
+    pyramid_rows = nkb * n * 15 // 8
+    return B * (2 * pyramid_rows * D * element_size + nqb * (max_segs + 2 * max_tiles + len(COUNT_FIELDS)) * 4)
+
+
 def build_schedule(levels: torch.Tensor, pyr: Pyramid, packed: bool, tile_n: int | None = None) -> Schedule:
     """Turn a level map into tile lists: regular level-1 tiles, regular pooled tiles (levels
     2, 4, 8), then the masked tiles at the back; key blocks ascending within a level.
@@ -314,10 +330,7 @@ def build_schedule(levels: torch.Tensor, pyr: Pyramid, packed: bool, tile_n: int
     B, H, nqb, nkb = levels.shape
     n = pyr.n
     tn = tile_n or tile_width(n)
-    per_tile = {p: (tn * p // n if packed else 1) for p in LEVEL_ORDER}
-    max_t = {p: -(-nkb // per_tile[p]) for p in LEVEL_ORDER}
-    max_segs = sum(max_t[p] * per_tile[p] for p in LEVEL_ORDER)
-    max_tiles = sum(max_t.values())
+    per_tile, max_t, max_segs, max_tiles = _schedule_shape(nkb, n, packed, tn)
     dev = levels.device
     lv = levels.reshape(B * H * nqb, nkb)
     if lv.stride(-1) != 1:

@@ -334,6 +334,26 @@ def test_dense_preset_returns_sdpa_exactly(device):
 
 # ----------------------------------------------------------------------------- end to end
 
+@pytest.mark.parametrize("n,packed", [(16, True), (32, True), (64, False)])
+def test_memory_per_head_is_what_the_pyramid_and_schedule_take(n, packed, device):
+    B, H, L, D, m = 2, 1, 301, 32, 32
+    k = torch.randn(B, H, L, D, device=device)
+    pyr, _ = pyramid.build_pyramid_triton(k, k, n, L)
+    levels = _random_levels(B, H, -(-L // m), -(-L // n), seed=n).to(device)
+    sched = pyramid.build_schedule(levels, pyr, packed=packed)
+    taken = sum(t.numel() * t.element_size() for t in (pyr.k, pyr.v, sched.segs, sched.tile_level,
+                                                       sched.tile_seg, sched.counts))
+    assert pyramid.attention_bytes_per_head(B, L, D, k.element_size(), m, n, packed) == taken
+
+
+def test_heads_per_pass_follow_free_memory():
+    from psa_kernels.api import heads_that_fit
+    assert heads_that_fit(12, 100, 10_000) == 12  # room for all: one pass
+    assert heads_that_fit(12, 100, 500) == 4      # 90% of 500 holds 4 heads
+    assert heads_that_fit(12, 100, 50) == 1       # never fewer than one
+
+
+
 @pytest.mark.parametrize("use_sim_mask", [False, True])
 @pytest.mark.parametrize("heads_per_pass", [1, 2])
 def test_heads_in_passes_give_the_same_output(use_sim_mask, heads_per_pass, device):
