@@ -22,7 +22,7 @@ def bench(fn):
 
 def main():
     print("grid        m   n  stage     variant               ms")
-    for grid in ((21, 30, 52),):
+    for grid in ((21, 30, 52), (21, 45, 80)):
         q, k, v = structured_qkv(grid, heads=12, head_dim=128, dtype=torch.bfloat16, device="cuda", seed=1)
         perm, _ = sequence_permutation(grid, device="cuda")
         for m, n in ((128, 32), (128, 64), (128, 128)):
@@ -48,8 +48,11 @@ def main():
             for mode in ("topk", "thresholdbound"):
                 cfg = PSAConfig.from_dict({"block_size": {"m": m, "n": n, "tile_n": 16}, "mask_mode": mode})
                 for nw in (4, 8, 16):
-                    ms = bench(lambda: levels.assign_levels_triton(scores, cfg, num_warps=nw))
+                    ms = bench(lambda: levels.assign_levels_triton(scores, cfg, num_warps=nw, presort_above=1 << 30))
                     print(f"{str(grid):11s} {m:3d} {n:3d}  levels    {mode[:9]:9s} w{nw:<2d}      {ms:7.3f}", flush=True)
+                # rows ranked by torch's segmented sort first (levels.PRESORT_ABOVE decides by row length)
+                ms = bench(lambda: levels.assign_levels_triton(scores, cfg, presort_above=0))
+                print(f"{str(grid):11s} {m:3d} {n:3d}  levels    {mode[:9]:9s} torch-sort {ms:7.3f}", flush=True)
 
 
 if __name__ == "__main__":
