@@ -119,3 +119,19 @@ def test_heads_in_passes_match_one_pass(wan_qkv):
     whole = psa_attention(q, k, v, cfg, GRID)
     for group in (1, 5):
         assert torch.equal(psa_attention(q, k, v, cfg, GRID, heads_per_pass=group), whole), group
+
+
+def test_repeated_calls_hold_no_memory(wan_qkv):
+    # Everything a call allocates is released when it returns: the permutation cache is filled
+    # by the first call, after which memory in use returns to the same level after every call.
+    q, k, v = wan_qkv
+    cfg = PSAConfig.from_dict(PRESETS["Wan2.1_1.3b/psa_topk"])
+    out = psa_attention(q, k, v, cfg, GRID)
+    del out
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for _ in range(3):
+        out = psa_attention(q, k, v, cfg, GRID)
+        del out
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
