@@ -78,11 +78,13 @@ def _pick_backend(q: torch.Tensor, backend: str) -> str:
 
 
 def psa_plan(q: torch.Tensor, k: torch.Tensor, cfg: PSAConfig, grid, text_len: int = 0,
-             text_first: bool = False, backend: str = "auto", v: torch.Tensor | None = None) -> PSAPlan:
+             text_first: bool = False, backend: str = "auto", v: torch.Tensor | None = None,
+             heads_per_pass: int | None = None) -> PSAPlan:
     """Layout, block estimate, level assignment and similarity guard, without the attention.
 
     Given ``v`` too, the Triton path keeps the key/value pyramid it builds for the guard, so
-    psa_attention(..., plan=plan) does not build it again."""
+    psa_attention(..., plan=plan) does not build it again. ``heads_per_pass`` bounds the heads
+    whose estimate scratch exists at one time (default: all)."""
     keep_pyramid = v is not None
     _check_inputs(q, k, k if v is None else v, grid, text_len)
     backend = _pick_backend(q, backend)
@@ -99,7 +101,7 @@ def psa_plan(q: torch.Tensor, k: torch.Tensor, cfg: PSAConfig, grid, text_len: i
         # The kernels read the arranged order through perm, so nothing is copied; the pyramid
         # pass reads every key block anyway and measures key similarity on the way.
         q, k = _unit_stride(q), _unit_stride(k)
-        scores = estimate.estimate_triton(q, k, m, n, perm)
+        scores = estimate.estimate_triton(q, k, m, n, perm, heads_per_pass=heads_per_pass)
         lv = levels_mod.assign_levels_triton(scores, cfg, text_q, text_k)
         if keep_pyramid or cfg.use_sim_mask:
             pyr, sim = pyramid.build_pyramid_triton(k, _unit_stride(v) if keep_pyramid else None, n, L,
@@ -131,9 +133,8 @@ def psa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PSACon
     attention. ``backend``: "auto" (Triton on CUDA, torch elsewhere), "torch", "triton".
     ``plan`` reuses a :func:`psa_plan` result for these inputs. ``heads_per_pass``: the
     Triton path builds the key/value pyramid and the tile schedule, most of the memory a
-    call adds, for this many heads at a time; by default all heads at once when the free
-    device memory holds them, else as many as it holds. The estimate and the levels always
-    run for all heads at once.
+    call adds, for this many heads at a time (and the estimate's scratch); by default all
+    heads at once when the free device memory holds them, else as many as it holds.
     """
     _check_inputs(q, k, v, grid, text_len)
     if cfg.is_dense:
@@ -146,7 +147,8 @@ def psa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PSACon
     H = q.shape[1]
     group = min(H, heads_per_pass or _heads_that_fit(q, cfg))
     if plan is None:
-        plan = psa_plan(q, k, cfg, grid, text_len, text_first, backend, v=v if group == H else None)
+        plan = psa_plan(q, k, cfg, grid, text_len, text_first, backend, v=v if group == H else None,
+                        heads_per_pass=group)
     if plan.backend != "triton" or group == H or plan.pyramid is not None:
         out = _attend(q, k, v, cfg, plan)
     else:
@@ -174,8 +176,10 @@ def _heads_that_fit(q: torch.Tensor, cfg: PSAConfig) -> int:
         return H
     free, _ = torch.cuda.mem_get_info(q.device)
     free += torch.cuda.memory_reserved(q.device) - torch.cuda.memory_allocated(q.device)
-    per_head = pyramid.attention_bytes_per_head(B, L, D, q.element_size(), cfg.block_size.m, cfg.block_size.n,
-                                                cfg.attn_impl == "new_mask_type")
+    m, n = cfg.block_size.m, cfg.block_size.n
+    # the estimate's scratch is freed before the pyramid and the schedule are made
+    per_head = max(pyramid.attention_bytes_per_head(B, L, D, q.element_size(), m, n, cfg.attn_impl == "new_mask_type"),
+                   estimate.scratch_bytes_per_head(B, L, m, n))
     return heads_that_fit(H, per_head, free)
 
 

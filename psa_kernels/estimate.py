@@ -70,14 +70,16 @@ def _sampled_keys(kbase, Perm, t, kk, dd, L, nkb, skl,
 
 
 @triton.jit
-def _estimate_kernel(Q, K, Out, Perm, L, nqb, nkb, sm_scale_log2,
-                     sqb, sqh, sql, skb, skh, skl, sob, soh, soq,
+def _estimate_kernel(Q, K, Part, MaxAt, MaxEnd, Weight, Perm, L, nqb, nkb, ntiles, sampled, sm_scale_log2,
+                     sqb, sqh, sql, skb, skh, skl,
                      H: tl.constexpr, D: tl.constexpr, M: tl.constexpr, N: tl.constexpr,
                      SQ: tl.constexpr, SK: tl.constexpr, QBLOCKS: tl.constexpr, KBLOCKS: tl.constexpr,
                      HAS_PERM: tl.constexpr):
     # One program: QBLOCKS query blocks of one (batch, head), so the sampled queries fill a
-    # tensor-core tile. Two passes over the sampled keys: the first finds each sampled
-    # query's softmax max and normaliser, the second sums the probabilities per key block.
+    # tensor-core tile. One pass over the sampled keys with an online softmax: each tile's
+    # per (sampled query, key block) sums are written relative to the running maximum of that
+    # moment (MaxAt); _estimate_reduce_kernel rescales them once the final maximum and
+    # normaliser are known. One product and one exponential per sampled score.
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -96,41 +98,78 @@ def _estimate_kernel(Q, K, Out, Perm, L, nqb, nkb, sm_scale_log2,
     dd = tl.arange(0, D)
     q = tl.load(Q + b * sqb + h * sqh + qrow[:, None] * sql + dd[None, :], mask=qvalid[:, None], other=0.0)
     kbase = K + b * skb + h * skh
+    # scratch rows of this program's sampled queries: [sampled, ntiles * KBLOCKS] partial sums and
+    # [sampled, ntiles] maxima per (batch, head)
+    rows = (bh * sampled + pid * ROWS + i).to(tl.int64)
+    part = Part + rows[:, None] * (ntiles * KBLOCKS)
+    max_at = MaxAt + rows * ntiles
 
     kk = tl.arange(0, TILE)
+    jk = tl.arange(0, KBLOCKS)
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
-    ntiles = tl.cdiv(nkb, KBLOCKS)
     for t in range(0, ntiles):
         kt, kvalid = _sampled_keys(kbase, Perm, t, kk, dd, L, nkb, skl, N, SK, KBLOCKS, HAS_PERM)
         s = tl.where(kvalid[None, :], tl.dot(q, kt) * sm_scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # every tile holds a real key: finite
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(p, 1)
         m_i = m_new
-
+        tl.store(part + (t * KBLOCKS + jk)[None, :], tl.sum(tl.reshape(p, [ROWS, KBLOCKS, SK]), 2))
+        tl.store(max_at + t, m_new)
     # weight of each sampled query: 1 / (its normaliser * real samples of its query block)
     nreal = tl.sum(tl.reshape(qvalid.to(tl.float32), [QBLOCKS, SQ]), 1)
     w = tl.where(qvalid, 1.0 / l_i, 0.0)
     w = tl.reshape(tl.reshape(w, [QBLOCKS, SQ]) / tl.maximum(nreal, 1.0)[:, None], [ROWS])
-    jq = pid * QBLOCKS + tl.arange(0, QBLOCKS)
-    jk = tl.arange(0, KBLOCKS)
-    for t in range(0, ntiles):
-        kt, kvalid = _sampled_keys(kbase, Perm, t, kk, dd, L, nkb, skl, N, SK, KBLOCKS, HAS_PERM)
-        s = tl.dot(q, kt) * sm_scale_log2
-        p = tl.where(kvalid[None, :], tl.exp2(s - m_i[:, None]) * w[:, None], 0.0)
-        per_q = tl.sum(tl.reshape(p, [QBLOCKS, SQ, TILE]), 1)             # [QBLOCKS, TILE]
-        blk = tl.sum(tl.reshape(per_q, [QBLOCKS, KBLOCKS, SK]), 2)        # [QBLOCKS, KBLOCKS]
-        kb = t * KBLOCKS + jk
-        tl.store(Out + b * sob + h * soh + jq[:, None] * soq + kb[None, :], blk,
-                 mask=(jq < nqb)[:, None] & (kb < nkb)[None, :])
+    tl.store(MaxEnd + rows, m_i)
+    tl.store(Weight + rows, w)
+
+
+@triton.jit
+def _estimate_reduce_kernel(Part, MaxAt, MaxEnd, Weight, Out, nkb, ntiles, sampled, sob, soh, soq,
+                            H: tl.constexpr, SQ: tl.constexpr, KBLOCKS: tl.constexpr, CHUNK: tl.constexpr):
+    # One program: CHUNK key blocks of one query block: the weighted sum over the block's
+    # sampled queries of their partial sums, each brought to the query's final maximum.
+    qb = tl.program_id(0)
+    c = tl.program_id(1)
+    bh = tl.program_id(2)
+    rows = (bh * sampled + qb * SQ + tl.arange(0, SQ)).to(tl.int64)
+    kb = c * CHUNK + tl.arange(0, CHUNK)
+    inside = kb < nkb
+    x = tl.load(Part + rows[:, None] * (ntiles * KBLOCKS) + kb[None, :], mask=inside[None, :], other=0.0)
+    at = tl.load(MaxAt + rows[:, None] * ntiles + (kb // KBLOCKS)[None, :], mask=inside[None, :], other=0.0)
+    end = tl.load(MaxEnd + rows)
+    w = tl.load(Weight + rows)
+    score = tl.sum(x * tl.exp2(at - end[:, None]) * w[:, None], 0)
+    tl.store(Out + (bh // H) * sob + (bh % H) * soh + qb * soq + kb, score, mask=inside)
+
+
+def _launch_shape(L: int, m: int, n: int, rows: int, tile: int) -> tuple[int, int, int, int, int]:
+    """(query blocks per program, key blocks per tile, programs per head, key tiles, scratch
+    rows per head) of the estimate kernel."""
+    sq, sk = sample_counts(m, n)
+    qblocks = max(1, rows // sq)  # sampled queries of several blocks fill one tensor-core tile
+    kblocks = max(1, tile // sk)
+    programs = triton.cdiv(-(-L // m), qblocks)
+    return qblocks, kblocks, programs, triton.cdiv(-(-L // n), kblocks), programs * qblocks * sq
+
+
+def scratch_bytes_per_head(B: int, L: int, m: int, n: int, rows: int = 128, tile: int = 128) -> int:
+    """Device memory :func:`estimate_triton` holds while it runs, per head (B batch entries)."""
+    _, kblocks, _, ntiles, sampled = _launch_shape(L, m, n, rows, tile)
+    return B * sampled * (ntiles * kblocks + ntiles + 2) * 4
 
 
 def estimate_triton(q: torch.Tensor, k: torch.Tensor, m: int, n: int,
-                    perm: torch.Tensor | None = None, rows: int = 128, tile: int = 64,
-                    num_warps: int | None = None) -> torch.Tensor:
-    """Same function as :func:`estimate_reference`, as a Triton kernel. With ``perm`` the
+                    perm: torch.Tensor | None = None, rows: int = 128, tile: int = 128,
+                    num_warps: int | None = None, heads_per_pass: int | None = None) -> torch.Tensor:
+    """Same function as :func:`estimate_reference`, as Triton kernels. With ``perm`` the
     inputs are in the caller's order and are read as ``x[..., perm, :]`` without a copy.
-    The launch defaults are the fastest of benchmarks/stage_probe.py on an H100."""
+    The launch defaults are the fastest of the H100 probes (benchmarks/NOTES.md).
+
+    The one pass keeps, for every sampled query, its sums per key block until the query's
+    softmax normaliser is known: :func:`scratch_bytes_per_head` per head, freed on return;
+    ``heads_per_pass`` bounds how many heads hold it at one time."""
     B, H, L, D = q.shape
     sq, sk = sample_counts(m, n)
     nqb, nkb = -(-L // m), -(-L // n)
@@ -139,13 +178,23 @@ def estimate_triton(q: torch.Tensor, k: torch.Tensor, m: int, n: int,
     if k.stride(-1) != 1:
         k = k.contiguous()
     out = torch.empty((B, H, nqb, nkb), device=q.device, dtype=torch.float32)
-    qblocks = max(1, rows // sq)  # sampled queries of several blocks fill one tensor-core tile
-    kblocks = max(1, tile // sk)
+    qblocks, kblocks, programs, ntiles, sampled = _launch_shape(L, m, n, rows, tile)
+    group = min(H, heads_per_pass or H)
+    part = torch.empty((B * group, sampled, ntiles * kblocks), device=q.device, dtype=torch.float32)
+    max_at = torch.empty((B * group, sampled, ntiles), device=q.device, dtype=torch.float32)
+    max_end = torch.empty((B * group, sampled), device=q.device, dtype=torch.float32)
+    weight = torch.empty_like(max_end)
     sm_scale_log2 = (1.0 / math.sqrt(D)) * 1.4426950408889634
-    _estimate_kernel[(triton.cdiv(nqb, qblocks), B * H)](
-        q, k, out, perm if perm is not None else out, L, nqb, nkb, sm_scale_log2,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        H=H, D=D, M=m, N=n, SQ=sq, SK=sk, QBLOCKS=qblocks, KBLOCKS=kblocks,
-        HAS_PERM=perm is not None, num_warps=num_warps or (8 if n <= 32 else 4))
+    chunk = min(128, triton.next_power_of_2(nkb))
+    for h0 in range(0, H, group):
+        qh, kh, oh = q[:, h0:h0 + group], k[:, h0:h0 + group], out[:, h0:h0 + group]
+        g = qh.shape[1]
+        _estimate_kernel[(programs, B * g)](
+            qh, kh, part, max_at, max_end, weight, perm if perm is not None else out, L, nqb, nkb, ntiles, sampled,
+            sm_scale_log2, qh.stride(0), qh.stride(1), qh.stride(2), kh.stride(0), kh.stride(1), kh.stride(2),
+            H=g, D=D, M=m, N=n, SQ=sq, SK=sk, QBLOCKS=qblocks, KBLOCKS=kblocks,
+            HAS_PERM=perm is not None, num_warps=num_warps or 8)
+        _estimate_reduce_kernel[(nqb, triton.cdiv(nkb, chunk), B * g)](
+            part, max_at, max_end, weight, oh, nkb, ntiles, sampled, oh.stride(0), oh.stride(1), oh.stride(2),
+            H=g, SQ=sq, KBLOCKS=kblocks, CHUNK=chunk, num_warps=4)
     return out

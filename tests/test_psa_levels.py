@@ -410,6 +410,16 @@ def test_estimate_triton_matches_reference(grid, text_len, m, n, D, seed, device
     perm = torch.randperm(q.shape[2], generator=torch.Generator().manual_seed(seed)).to(device)
     ref_perm = estimate.estimate_reference(arrange(q, perm), arrange(k, perm), m, n)
     torch.testing.assert_close(estimate.estimate_triton(q, k, m, n, perm), ref_perm, atol=atol, rtol=0)
+    # heads one at a time (a scratch of one head): the very same scores
+    assert torch.equal(estimate.estimate_triton(q, k, m, n, heads_per_pass=1), got)
+    B, H, L = q.shape[:3]
+    if got.is_cuda:  # what the scratch takes, as scratch_bytes_per_head says
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        estimate.estimate_triton(q, k, m, n)
+        extra = torch.cuda.max_memory_allocated() - base - got.numel() * 4
+        assert 0 < extra <= H * estimate.scratch_bytes_per_head(B, L, m, n) + 4096
 
 
 # ----------------------------------------------------------------------------- long rows
