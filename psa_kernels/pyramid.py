@@ -236,6 +236,7 @@ class Schedule:
 # starts at 0). The kernel finds the segments of the t-th regular tile of level p at
 # seg_p + t * per_tile(p) without reading the tile list.
 COUNT_FIELDS = ("regular1", "regular2", "regular4", "regular8", "masked", "seg2", "seg4", "seg8")
+_RECORD = tl.constexpr(len(COUNT_FIELDS))  # the record's length, as the kernels see it
 
 
 def tile_width(n: int) -> int:
@@ -288,7 +289,7 @@ def _schedule_kernel(Levels, Segs, TileLevel, TileSeg, Counts, nkb, tail_block, 
     tlev = TileLevel + row * s_tile
     tseg = TileSeg + row * s_tile
     last = s_tile - 1
-    rec = Counts + row * 8
+    rec = Counts + row * _RECORD
     n1, r1, m1 = _schedule_level(lv, kb, nkb, segs, tlev, tseg, 0, 0, 0, tail_block, last, 1, 0, N, PT1, MT1, AM1)
     tl.store(rec + 5, n1)
     n2, r2, m2 = _schedule_level(lv, kb, nkb, segs, tlev, tseg, n1, r1, m1, tail_block, last, 2, B2, N, PT2, MT2, AM2)
@@ -356,9 +357,9 @@ def build_schedule(levels: torch.Tensor, pyr: Pyramid, packed: bool, tile_n: int
 @triton.jit
 def _regular_tile(kbase, vbase, seg_row, seg0, r, skl, svl, dd, SEG_LEN: tl.constexpr, TILE_N: tl.constexpr):
     """Keys and values of a regular tile: TILE_N real pyramid rows in segments of SEG_LEN rows
-    whose first rows are seg_row[seg0], seg_row[seg0 + 1], ... The address of every row
-    depends on that one load only, so the compiler can prefetch tiles ahead (software
-    pipelining gives up on longer chains of dependent loads)."""
+    whose first rows are seg_row[seg0], seg_row[seg0 + 1], ... seg0 comes from the schedule
+    record, so the address of every row depends on that one load only (no tile-list loads
+    in the loop)."""
     if SEG_LEN >= TILE_N:  # one key block fills the tile: a contiguous, aligned run of rows
         prow = tl.multiple_of(tl.load(seg_row + seg0), TILE_N) + r
     else:
@@ -439,7 +440,7 @@ def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, Counts, Segs,
     seg_row = Segs + row * s_seg
     tiles = row * s_tl
     r = tl.arange(0, TILE_N)
-    rec = Counts + row * 8
+    rec = Counts + row * _RECORD
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
