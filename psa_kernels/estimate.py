@@ -162,7 +162,8 @@ def scratch_bytes_per_head(B: int, L: int, m: int, n: int, rows: int = 128, tile
 
 def estimate_triton(q: torch.Tensor, k: torch.Tensor, m: int, n: int,
                     perm: torch.Tensor | None = None, rows: int = 128, tile: int = 128,
-                    num_warps: int | None = None, heads_per_pass: int | None = None) -> torch.Tensor:
+                    num_warps: int | None = None, heads_per_pass: int | None = None,
+                    num_stages: int | None = None) -> torch.Tensor:
     """Same function as :func:`estimate_reference`, as Triton kernels. With ``perm`` the
     inputs are in the caller's order and are read as ``x[..., perm, :]`` without a copy.
     The launch defaults are the fastest of the H100 probes (benchmarks/NOTES.md).
@@ -193,7 +194,7 @@ def estimate_triton(q: torch.Tensor, k: torch.Tensor, m: int, n: int,
             qh, kh, part, max_at, max_end, weight, perm if perm is not None else out, L, nqb, nkb, ntiles, sampled,
             sm_scale_log2, qh.stride(0), qh.stride(1), qh.stride(2), kh.stride(0), kh.stride(1), kh.stride(2),
             H=g, D=D, M=m, N=n, SQ=sq, SK=sk, QBLOCKS=qblocks, KBLOCKS=kblocks,
-            HAS_PERM=perm is not None, num_warps=num_warps or 8)
+            HAS_PERM=perm is not None, num_warps=num_warps or 8, **({"num_stages": num_stages} if num_stages else {}))
         _estimate_reduce_kernel[(nqb, triton.cdiv(nkb, chunk), B * g)](
             part, max_at, max_end, weight, oh, nkb, ntiles, sampled, oh.stride(0), oh.stride(1), oh.stride(2),
             H=g, SQ=sq, KBLOCKS=kblocks, CHUNK=chunk, num_warps=4)

@@ -218,7 +218,7 @@ def attention_reference(q: torch.Tensor, pyr: Pyramid, levels: torch.Tensor, m: 
 @dataclass
 class Schedule:
     """Per (batch, head, query block): tiles to visit and the segments that fill them."""
-    tile_level: torch.Tensor   # [B, H, nqb, max_tiles] int32: level of each tile
+    tile_level: torch.Tensor   # [B, H, nqb, max_tiles] int32: level | sub-tile << SUB_SHIFT
     tile_seg: torch.Tensor     # [B, H, nqb, max_tiles] int32: first segment of each tile
     counts: torch.Tensor       # [B, H, nqb, 8] int32: see COUNT_FIELDS
     segs: torch.Tensor         # [B, H, nqb, max_segs] int32: first pyramid row, -1 = empty slot
@@ -239,17 +239,32 @@ COUNT_FIELDS = ("regular1", "regular2", "regular4", "regular8", "masked", "seg2"
 _RECORD = tl.constexpr(len(COUNT_FIELDS))  # the record's length, as the kernels see it
 
 
+TILE_WIDTH = 64  # pyramid rows per kernel tile (benchmarks/NOTES.md, change 18)
+SUB_SHIFT = 4    # a tile's level code: level | (sub-tile of its key block << SUB_SHIFT)
+_SUB = tl.constexpr(SUB_SHIFT)
+
+
 def tile_width(n: int) -> int:
-    """Pyramid rows per kernel tile: one key block when n >= 64, so that level-1 tiles are
-    contiguous runs of rows (benchmarks/kernel_probe.py: contiguous beats gathered rows)."""
-    return max(n, 64)
+    """Pyramid rows per kernel tile. A key block wider than the tile spans several tiles
+    (contiguous runs of rows); narrower ones are packed several to a tile."""
+    return TILE_WIDTH
+
+
+def level_split(n: int, p: int, tile_n: int, packed: bool) -> tuple[int, int]:
+    """(segments per tile, tiles per segment) of level p: a segment is one key block at that
+    level (n/p pyramid rows)."""
+    seg_len = n // p
+    if seg_len >= tile_n:
+        return 1, seg_len // tile_n
+    return (tile_n // seg_len if packed else 1), 1
 
 
 @triton.jit
 def _schedule_level(lv, kb, nkb, Segs, TileLevel, TileSeg, seg_at, reg_at, flag_at, tail_block, last_tile,
-                    P: tl.constexpr, BASE, N: tl.constexpr, PER_TILE: tl.constexpr, MAX_T: tl.constexpr,
-                    ALWAYS_MASKED: tl.constexpr):
-    """Append the key blocks of level P to one row's segment list, PER_TILE segments a tile.
+                    P: tl.constexpr, BASE, N: tl.constexpr, PER_TILE: tl.constexpr, SPLIT: tl.constexpr,
+                    MAX_T: tl.constexpr, ALWAYS_MASKED: tl.constexpr):
+    """Append the key blocks of level P to one row's segment list, PER_TILE segments a tile
+    (or, when a block is wider than a tile, SPLIT tiles a segment).
 
     A tile whose columns are all whole groups of P real keys is *regular* and goes to the
     front of the tile list. The others (the last tile of the level when it has empty slots
@@ -260,24 +275,27 @@ def _schedule_level(lv, kb, nkb, Segs, TileLevel, TileSeg, seg_at, reg_at, flag_
     cnt = tl.sum(sel.to(tl.int32), 0)
     pos = tl.cumsum(sel.to(tl.int32), 0) - 1
     tl.store(Segs + seg_at + pos, BASE + kb * (N // P), mask=sel)
-    ntiles = (cnt + PER_TILE - 1) // PER_TILE
+    groups = (cnt + PER_TILE - 1) // PER_TILE  # tiles, counting each block's sub-tiles once
     pad = tl.arange(0, PER_TILE)
-    tl.store(Segs + seg_at + cnt + pad, -1, mask=pad < ntiles * PER_TILE - cnt)
+    tl.store(Segs + seg_at + cnt + pad, -1, mask=pad < groups * PER_TILE - cnt)
     holds_tail = tl.sum((sel & (kb == tail_block)).to(tl.int32), 0) > 0
-    last_masked = ((cnt % PER_TILE != 0) | holds_tail) & (ntiles > 0)
-    nmasked = ntiles if ALWAYS_MASKED else last_masked.to(tl.int32)
+    # the tail block comes last in its level: its sub-tiles are the level's last tiles
+    last_masked = ((cnt % PER_TILE != 0) | holds_tail) & (groups > 0)
+    ntiles = groups * SPLIT
+    nmasked = ntiles if ALWAYS_MASKED else last_masked.to(tl.int32) * SPLIT
     nregular = ntiles - nmasked
     t = tl.arange(0, MAX_T)
     slot = tl.where(t < nregular, reg_at + t, last_tile - (flag_at + t - nregular))
-    tl.store(TileLevel + slot, tl.full([MAX_T], P, tl.int32), mask=t < ntiles)
-    tl.store(TileSeg + slot, seg_at + t * PER_TILE, mask=t < ntiles)
-    return ntiles * PER_TILE, nregular, nmasked
+    tl.store(TileLevel + slot, P | ((t % SPLIT) << _SUB), mask=t < ntiles)
+    tl.store(TileSeg + slot, seg_at + (t // SPLIT) * PER_TILE, mask=t < ntiles)
+    return groups * PER_TILE, nregular, nmasked
 
 
 @triton.jit
 def _schedule_kernel(Levels, Segs, TileLevel, TileSeg, Counts, nkb, tail_block, s_lv, s_seg, s_tile,
                      B2, B4, B8, N: tl.constexpr, NKB: tl.constexpr,
                      PT1: tl.constexpr, PT2: tl.constexpr, PT4: tl.constexpr, PT8: tl.constexpr,
+                     SP1: tl.constexpr, SP2: tl.constexpr, SP4: tl.constexpr, SP8: tl.constexpr,
                      MT1: tl.constexpr, MT2: tl.constexpr, MT4: tl.constexpr, MT8: tl.constexpr,
                      AM1: tl.constexpr, AM2: tl.constexpr, AM4: tl.constexpr, AM8: tl.constexpr):
     # One program: one (batch, head, query block) row. Segment positions inside the row are
@@ -290,15 +308,15 @@ def _schedule_kernel(Levels, Segs, TileLevel, TileSeg, Counts, nkb, tail_block, 
     tseg = TileSeg + row * s_tile
     last = s_tile - 1
     rec = Counts + row * _RECORD
-    n1, r1, m1 = _schedule_level(lv, kb, nkb, segs, tlev, tseg, 0, 0, 0, tail_block, last, 1, 0, N, PT1, MT1, AM1)
+    n1, r1, m1 = _schedule_level(lv, kb, nkb, segs, tlev, tseg, 0, 0, 0, tail_block, last, 1, 0, N, PT1, SP1, MT1, AM1)
     tl.store(rec + 5, n1)
-    n2, r2, m2 = _schedule_level(lv, kb, nkb, segs, tlev, tseg, n1, r1, m1, tail_block, last, 2, B2, N, PT2, MT2, AM2)
+    n2, r2, m2 = _schedule_level(lv, kb, nkb, segs, tlev, tseg, n1, r1, m1, tail_block, last, 2, B2, N, PT2, SP2, MT2, AM2)
     tl.store(rec + 6, n1 + n2)
     n4, r4, m4 = _schedule_level(lv, kb, nkb, segs, tlev, tseg, n1 + n2, r1 + r2, m1 + m2, tail_block, last,
-                                 4, B4, N, PT4, MT4, AM4)
+                                 4, B4, N, PT4, SP4, MT4, AM4)
     tl.store(rec + 7, n1 + n2 + n4)
     _, r8, m8 = _schedule_level(lv, kb, nkb, segs, tlev, tseg, n1 + n2 + n4, r1 + r2 + r4, m1 + m2 + m4,
-                                tail_block, last, 8, B8, N, PT8, MT8, AM8)
+                                tail_block, last, 8, B8, N, PT8, SP8, MT8, AM8)
     tl.store(rec + 0, r1)
     tl.store(rec + 1, r2)
     tl.store(rec + 2, r4)
@@ -307,17 +325,19 @@ def _schedule_kernel(Levels, Segs, TileLevel, TileSeg, Counts, nkb, tail_block, 
 
 
 def _schedule_shape(nkb: int, n: int, packed: bool, tn: int):
-    """Segments per tile and the most tiles of each level, and the worst-case segment and
-    tile slots of one schedule row."""
-    per_tile = {p: (tn * p // n if packed else 1) for p in LEVEL_ORDER}
-    max_t = {p: -(-nkb // per_tile[p]) for p in LEVEL_ORDER}
-    return per_tile, max_t, sum(max_t[p] * per_tile[p] for p in LEVEL_ORDER), sum(max_t.values())
+    """Segments per tile, tiles per segment and the most tiles of each level, and the
+    worst-case segment and tile slots of one schedule row."""
+    per_tile = {p: level_split(n, p, tn, packed)[0] for p in LEVEL_ORDER}
+    split = {p: level_split(n, p, tn, packed)[1] for p in LEVEL_ORDER}
+    groups = {p: -(-nkb // per_tile[p]) for p in LEVEL_ORDER}
+    max_t = {p: groups[p] * split[p] for p in LEVEL_ORDER}
+    return per_tile, split, max_t, sum(groups[p] * per_tile[p] for p in LEVEL_ORDER), sum(max_t.values())
 
 
 def attention_bytes_per_head(B: int, L: int, D: int, element_size: int, m: int, n: int, packed: bool) -> int:
     """Device memory the pyramid and the tile schedule of one head take (B batch entries)."""
     nkb, nqb = -(-L // n), -(-L // m)
-    _, _, max_segs, max_tiles = _schedule_shape(nkb, n, packed, tile_width(n))
+    _, _, _, max_segs, max_tiles = _schedule_shape(nkb, n, packed, tile_width(n))
     pyramid_rows = nkb * n * 15 // 8
     return B * (2 * pyramid_rows * D * element_size + nqb * (max_segs + 2 * max_tiles + len(COUNT_FIELDS)) * 4)
 
@@ -331,7 +351,7 @@ def build_schedule(levels: torch.Tensor, pyr: Pyramid, packed: bool, tile_n: int
     B, H, nqb, nkb = levels.shape
     n = pyr.n
     tn = tile_n or tile_width(n)
-    per_tile, max_t, max_segs, max_tiles = _schedule_shape(nkb, n, packed, tn)
+    per_tile, split, max_t, max_segs, max_tiles = _schedule_shape(nkb, n, packed, tn)
     dev = levels.device
     lv = levels.reshape(B * H * nqb, nkb)
     if lv.stride(-1) != 1:
@@ -348,6 +368,7 @@ def build_schedule(levels: torch.Tensor, pyr: Pyramid, packed: bool, tile_n: int
         lv, segs, tile_level, tile_seg, counts, nkb, tail_block, lv.stride(0), max_segs, max_tiles,
         pyr.base[2], pyr.base[4], pyr.base[8], N=n, NKB=p2(nkb),
         PT1=per_tile[1], PT2=per_tile[2], PT4=per_tile[4], PT8=per_tile[8],
+        SP1=split[1], SP2=split[2], SP4=split[4], SP8=split[8],
         MT1=p2(max_t[1]), MT2=p2(max_t[2]), MT4=p2(max_t[4]), MT8=p2(max_t[8]),
         AM1=always_masked[1], AM2=always_masked[2], AM4=always_masked[4], AM8=always_masked[8], num_warps=4)
     return Schedule(tile_level, tile_seg, counts, segs, tn, packed)
@@ -355,34 +376,50 @@ def build_schedule(levels: torch.Tensor, pyr: Pyramid, packed: bool, tile_n: int
 
 # ------------------------------------------------------------------------- kernel
 @triton.jit
-def _regular_tile(kbase, vbase, seg_row, seg0, r, skl, svl, dd, SEG_LEN: tl.constexpr, TILE_N: tl.constexpr):
-    """Keys and values of a regular tile: TILE_N real pyramid rows in segments of SEG_LEN rows
-    whose first rows are seg_row[seg0], seg_row[seg0 + 1], ... seg0 comes from the schedule
-    record, so the address of every row depends on that one load only (no tile-list loads
-    in the loop)."""
-    if SEG_LEN >= TILE_N:  # one key block fills the tile: a contiguous, aligned run of rows
-        prow = tl.multiple_of(tl.load(seg_row + seg0), TILE_N) + r
+def _regular_tile(kbase, vbase, seg_row, seg_first, t, r, skl, svl, dd, SEG_LEN: tl.constexpr,
+                  TILE_N: tl.constexpr, PER_TILE: tl.constexpr):
+    """Keys and values of the t-th regular tile of a level: TILE_N real pyramid rows in
+    segments of SEG_LEN rows whose first rows are seg_row[seg_first + ...]. seg_first comes
+    from the schedule record, so the address of every row depends on one load only (no
+    tile-list loads in the loop)."""
+    if SEG_LEN >= TILE_N:  # a contiguous, aligned run of rows of one key block
+        SPLIT: tl.constexpr = SEG_LEN // TILE_N
+        start = tl.load(seg_row + seg_first + t // SPLIT) + (t % SPLIT) * TILE_N
+        prow = tl.multiple_of(start, TILE_N) + r
     else:
-        prow = tl.load(seg_row + seg0 + r // SEG_LEN) + r % SEG_LEN
+        prow = tl.load(seg_row + seg_first + t * PER_TILE + r // SEG_LEN) + r % SEG_LEN
     k = tl.load(kbase + prow[:, None] * skl + dd[None, :])
     v = tl.load(vbase + prow[:, None] * svl + dd[None, :])
     return k, v
 
 
 @triton.jit
-def _masked_tile(kbase, vbase, seg_row, first, lvl, r, skl, svl, dd,
+def _masked_tile(kbase, vbase, seg_row, first, code, r, skl, svl, dd,
                  N: tl.constexpr, TILE_N: tl.constexpr, PACKED: tl.constexpr):
-    """Keys and values of a masked tile (segments of N/lvl rows, empty slots -1), its rows
-    and which of them are real."""
-    seg_len = N // lvl
+    """Keys and values of a masked tile (segments of N/level rows, empty slots -1; ``code``
+    holds the level and which sub-tile of a wider block this is), its rows and which of them
+    are real."""
+    seg_len = N // (code & 15)
     slot = r // seg_len
     in_tile = (r < TILE_N) if PACKED else (slot < 1)
     seg = tl.load(seg_row + first + slot, mask=in_tile, other=-1)
     valid = seg >= 0
-    prow = tl.where(valid, seg + r % seg_len, 0)
+    prow = tl.where(valid, seg + ((code >> _SUB) * TILE_N + r) % seg_len, 0)
     k = tl.load(kbase + prow[:, None] * skl + dd[None, :], mask=valid[:, None], other=0.0)
     v = tl.load(vbase + prow[:, None] * svl + dd[None, :], mask=valid[:, None], other=0.0)
     return k, v, prow, valid
+
+
+@triton.jit
+def _masked_step(q, kbase, vbase, Bias, code_at, first_at, seg_row, r, skl, svl, dd, scale, m_i, l_i, acc,
+                 N: tl.constexpr, TILE_N: tl.constexpr, PACKED: tl.constexpr):
+    """One masked tile: its keys and values, the per-row bias, the softmax step."""
+    k, v, prow, valid = _masked_tile(kbase, vbase, seg_row, tl.load(first_at), tl.load(code_at), r, skl, svl, dd,
+                                     N, TILE_N, PACKED)
+    bias = tl.load(Bias + prow, mask=valid, other=float("-inf")) * 1.4426950408889634
+    # logits formed once: a vector bias would otherwise be added twice per score
+    s = tl.dot(q, tl.trans(k)) * scale + bias[None, :]
+    return _attend_tile(s, v, 1.0, 0.0, m_i, l_i, acc)
 
 
 @triton.jit
@@ -399,15 +436,22 @@ def _attend_tile(s, v, scale, bias, m_i, l_i, acc):
 
 @triton.jit
 def _regular_loop(q, kbase, vbase, seg_row, seg_first, ntiles, r, skl, svl, dd, scale, m_i, l_i, acc,
-                  P: tl.constexpr, N: tl.constexpr, TILE_N: tl.constexpr, PACKED: tl.constexpr):
+                  P: tl.constexpr, N: tl.constexpr, TILE_N: tl.constexpr, PACKED: tl.constexpr,
+                  LOOP_STAGES: tl.constexpr):
     """The regular tiles of level P: every column stands for P real keys (bias log2 P)."""
     SEG_LEN: tl.constexpr = N // P
     PER_TILE: tl.constexpr = TILE_N // SEG_LEN if PACKED else 1
     BIAS: tl.constexpr = 0.0 if P == 1 else (1.0 if P == 2 else (2.0 if P == 4 else 3.0))
-    for t in range(0, ntiles):
-        k, v = _regular_tile(kbase, vbase, seg_row, seg_first + t * PER_TILE, r, skl, svl, dd, SEG_LEN, TILE_N)
-        s = tl.dot(q, tl.trans(k))
-        m_i, l_i, acc = _attend_tile(s, v, scale, BIAS, m_i, l_i, acc)
+    if LOOP_STAGES > 0:  # the loop's own pipelining also prefetches the segment starts
+        for t in tl.range(0, ntiles, num_stages=LOOP_STAGES):
+            k, v = _regular_tile(kbase, vbase, seg_row, seg_first, t, r, skl, svl, dd, SEG_LEN, TILE_N, PER_TILE)
+            s = tl.dot(q, tl.trans(k))
+            m_i, l_i, acc = _attend_tile(s, v, scale, BIAS, m_i, l_i, acc)
+    else:
+        for t in range(0, ntiles):
+            k, v = _regular_tile(kbase, vbase, seg_row, seg_first, t, r, skl, svl, dd, SEG_LEN, TILE_N, PER_TILE)
+            s = tl.dot(q, tl.trans(k))
+            m_i, l_i, acc = _attend_tile(s, v, scale, BIAS, m_i, l_i, acc)
     return m_i, l_i, acc
 
 
@@ -418,7 +462,7 @@ def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, Counts, Segs,
                          s_tl, s_seg,
                          H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                          N: tl.constexpr, TILE_N: tl.constexpr, PACKED: tl.constexpr,
-                         HAS_PERM: tl.constexpr):
+                         HAS_PERM: tl.constexpr, LOOP_STAGES: tl.constexpr, MASKED_STAGES: tl.constexpr):
     # Branch-free loops, so that loads pipeline: the regular tiles of each level in a loop of
     # their own (segment length and bias known at compile time), then the masked tiles
     # (empty slots or the partial last block: masked loads and the per-row ln(count) bias).
@@ -447,46 +491,75 @@ def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, Counts, Segs,
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     scale = sm_scale_log2
     m_i, l_i, acc = _regular_loop(q, kbase, vbase, seg_row, 0, tl.load(rec + 0), r, skl, svl, dd, scale,
-                                  m_i, l_i, acc, 1, N, TILE_N, PACKED)
+                                  m_i, l_i, acc, 1, N, TILE_N, PACKED, LOOP_STAGES)
     m_i, l_i, acc = _regular_loop(q, kbase, vbase, seg_row, tl.load(rec + 5), tl.load(rec + 1), r, skl, svl, dd,
-                                  scale, m_i, l_i, acc, 2, N, TILE_N, PACKED)
+                                  scale, m_i, l_i, acc, 2, N, TILE_N, PACKED, LOOP_STAGES)
     m_i, l_i, acc = _regular_loop(q, kbase, vbase, seg_row, tl.load(rec + 6), tl.load(rec + 2), r, skl, svl, dd,
-                                  scale, m_i, l_i, acc, 4, N, TILE_N, PACKED)
+                                  scale, m_i, l_i, acc, 4, N, TILE_N, PACKED, LOOP_STAGES)
     m_i, l_i, acc = _regular_loop(q, kbase, vbase, seg_row, tl.load(rec + 7), tl.load(rec + 3), r, skl, svl, dd,
-                                  scale, m_i, l_i, acc, 8, N, TILE_N, PACKED)
-    for t in range(s_tl - tl.load(rec + 4), s_tl):
-        lvl = tl.load(TileLevel + tiles + t)
-        first = tl.load(TileSeg + tiles + t)
-        k, v, prow, valid = _masked_tile(kbase, vbase, seg_row, first, lvl, r, skl, svl, dd, N, TILE_N, PACKED)
-        bias = tl.load(Bias + prow, mask=valid, other=float("-inf")) * 1.4426950408889634
-        # logits formed once: a vector bias would otherwise be added twice per score
-        s = tl.dot(q, tl.trans(k)) * scale + bias[None, :]
-        m_i, l_i, acc = _attend_tile(s, v, 1.0, 0.0, m_i, l_i, acc)
+                                  scale, m_i, l_i, acc, 8, N, TILE_N, PACKED, LOOP_STAGES)
+    # masked tiles: empty slots or the partial last block, masked loads and the per-row
+    # ln(count) bias; the loop's own pipelining (MASKED_STAGES > 0) also prefetches the tile list
+    if MASKED_STAGES > 0:
+        for t in tl.range(s_tl - tl.load(rec + 4), s_tl, num_stages=MASKED_STAGES):
+            m_i, l_i, acc = _masked_step(q, kbase, vbase, Bias, TileLevel + tiles + t, TileSeg + tiles + t, seg_row,
+                                         r, skl, svl, dd, scale, m_i, l_i, acc, N, TILE_N, PACKED)
+    else:
+        for t in range(s_tl - tl.load(rec + 4), s_tl):
+            m_i, l_i, acc = _masked_step(q, kbase, vbase, Bias, TileLevel + tiles + t, TileSeg + tiles + t, seg_row,
+                                         r, skl, svl, dd, scale, m_i, l_i, acc, N, TILE_N, PACKED)
     acc = acc / l_i[:, None]
     tl.store(Out + b * sob + h * soh + src[:, None] * sol + dd[None, :], acc.to(Out.dtype.element_ty),
              mask=qmask[:, None])
 
 
-def kernel_launch_config(m: int, tile_n: int, packed: bool = True) -> tuple[int, int]:
-    """(num_warps, num_stages), the fastest of the H100 sweeps (benchmarks/NOTES.md): 8 warps
-    and 3 stages for 128-row tiles, 2 stages where one key block per tile leaves most tiles
-    masked (old_mask_type), 4 warps and 2 stages for 64-row tiles."""
-    if m >= 128 and tile_n >= 128:
-        return (8, 3) if packed else (8, 2)
-    return 4, 2
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How the attention kernel is launched: warps, pipeline stages of the loops that the
+    kernel-wide setting drives (the masked loop), a register cap per thread (None: the
+    compiler's choice), and the stages of the per-level loops' own pipelining (0: the
+    kernel-wide setting), which also prefetches each tile's segment starts."""
+    num_warps: int
+    num_stages: int
+    maxnreg: int | None = None
+    loop_stages: int = 0
+
+
+def kernel_launch_config(m: int, tile_n: int, packed: bool = True, head_dim: int = 128) -> LaunchConfig:
+    """The fastest launch of the H100 sweeps (benchmarks/NOTES.md, change 18). For 128-row
+    query blocks on 64-row tiles: 8 warps, 2 stages and at most 128 registers a thread, so
+    that two programs share a multiprocessor (one's softmax runs under the other's matrix
+    products); the per-level loops pipelined 3 deep. Wider tiles: 8 warps and 3 stages (2
+    where one key block per tile leaves most tiles masked). Smaller query blocks: 4 warps,
+    2 stages."""
+    if m >= 128 and tile_n <= 64:
+        return LaunchConfig(8, 2, 128 if head_dim <= 128 else None, 3)
+    if m >= 128:
+        return LaunchConfig(8, 3 if packed else 2)
+    return LaunchConfig(4, 2)
+
+
+def _register_cap(cfg: LaunchConfig, num_warps: int | None, maxnreg: int | None) -> int | None:
+    if maxnreg is not None:
+        return maxnreg or None
+    return cfg.maxnreg if num_warps in (None, cfg.num_warps) else None
 
 
 def attention_triton(q: torch.Tensor, pyr: Pyramid, sched: Schedule, m: int,
                      out: torch.Tensor | None = None, num_warps: int | None = None,
-                     num_stages: int | None = None, perm: torch.Tensor | None = None) -> torch.Tensor:
+                     num_stages: int | None = None, perm: torch.Tensor | None = None,
+                     loop_stages: int | None = None, masked_stages: int | None = None,
+                     maxnreg: int | None = None) -> torch.Tensor:
     """The pyramid attention kernel over a schedule; same function as attention_reference.
 
-    With ``perm``, q and the output are in the caller's order (arranged = x[..., perm, :])."""
+    With ``perm``, q and the output are in the caller's order (arranged = x[..., perm, :]).
+    The launch is :func:`kernel_launch_config`'s unless the other arguments override it
+    (``maxnreg`` 0: no register cap; the cap applies to the default warps only)."""
     B, H, L, D = q.shape
     nqb = sched.counts.shape[2]
     if out is None:
         out = torch.empty_like(q)
-    warps, stages = kernel_launch_config(m, sched.tile_n, sched.packed)
+    cfg = kernel_launch_config(m, sched.tile_n, sched.packed, D)
     sm_scale_log2 = LOG2E / math.sqrt(D)
     _pyramid_attn_kernel[(nqb, B * H)](
         q, pyr.k, pyr.v, pyr.bias, out, sched.tile_level, sched.tile_seg, sched.counts,
@@ -495,5 +568,8 @@ def attention_triton(q: torch.Tensor, pyr: Pyramid, sched: Schedule, m: int,
         pyr.v.stride(0), pyr.v.stride(1), pyr.v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         sched.tile_level.stride(2), sched.segs.stride(2),
         H=H, D=D, BLOCK_M=m, N=pyr.n, TILE_N=sched.tile_n, PACKED=sched.packed, HAS_PERM=perm is not None,
-        num_warps=num_warps or warps, num_stages=num_stages or stages)
+        LOOP_STAGES=cfg.loop_stages if loop_stages is None else loop_stages,
+        MASKED_STAGES=masked_stages or 0,
+        num_warps=num_warps or cfg.num_warps, num_stages=num_stages or cfg.num_stages,
+        **({"maxnreg": mr} if (mr := _register_cap(cfg, num_warps, maxnreg)) else {}))
     return out

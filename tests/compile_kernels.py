@@ -20,7 +20,7 @@ HOPPER = GPUTarget("cuda", 90, 32)
 
 
 def compile_for_hopper(kernel, pointers: dict, floats: tuple, constexprs: dict,
-                       num_warps: int = 4, num_stages: int = 2):
+                       num_warps: int = 4, num_stages: int = 2, maxnreg: int | None = None):
     """Compile ``kernel`` for sm_90: ``pointers`` maps pointer arguments to element types,
     ``floats`` names fp32 scalars, every other non-constexpr argument is an int32.
 
@@ -39,7 +39,10 @@ def compile_for_hopper(kernel, pointers: dict, floats: tuple, constexprs: dict,
             if len(name) == 3 and name[0] == "s" and name[2] in "lhb":
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg:
+        options["maxnreg"] = maxnreg
+    return triton.compile(src, target=HOPPER, options=options)
 
 
 def variants():
@@ -66,18 +69,27 @@ def variants():
                dict(H=12, D=128, CH=pyramid.BUILD_CHUNK, WITH_SIM=with_sim, WITH_PYRAMID=with_pyramid,
                     HAS_PERM=True),
                {"num_warps": pyramid.BUILD_WARPS})
-    yield ("schedule", pyramid._schedule_kernel,
-           {"Levels": "i8", "Segs": "i32", "TileLevel": "i32", "TileSeg": "i32", "Counts": "i32"}, (),
-           dict(N=32, NKB=1024, PT1=2, PT2=4, PT4=8, PT8=16, MT1=512, MT2=256, MT4=128, MT8=64,
-                AM1=False, AM2=False, AM4=False, AM8=False), {})
-    for m, n, packed in ((128, 128, True), (128, 64, True), (128, 32, True), (128, 128, False)):
+    for n, nkb in ((32, 1024), (128, 256)):  # packed levels; level-1 blocks split over two tiles
+        pt = {p: pyramid.level_split(n, p, 64, True)[0] for p in (1, 2, 4, 8)}
+        sp = {p: pyramid.level_split(n, p, 64, True)[1] for p in (1, 2, 4, 8)}
+        mt = {p: triton.next_power_of_2(-(-nkb // pt[p]) * sp[p]) for p in (1, 2, 4, 8)}
+        yield (f"schedule n{n}", pyramid._schedule_kernel,
+               {"Levels": "i8", "Segs": "i32", "TileLevel": "i32", "TileSeg": "i32", "Counts": "i32"}, (),
+               dict(N=n, NKB=nkb, **{f"PT{p}": pt[p] for p in pt}, **{f"SP{p}": sp[p] for p in sp},
+                    **{f"MT{p}": mt[p] for p in mt}, AM1=False, AM2=False, AM4=False, AM8=False), {})
+    for m, n, packed, d in ((128, 128, True, 128), (128, 64, True, 128), (128, 32, True, 128),
+                            (128, 128, False, 128), (64, 64, True, 64), (128, 64, True, 256)):
         tile_n = pyramid.tile_width(n)
-        warps, stages = kernel_launch_config(m, tile_n, packed)
-        yield (f"attention m{m} n{n} packed={packed}", pyramid._pyramid_attn_kernel,
+        launch = kernel_launch_config(m, tile_n, packed, d)
+        options = {"num_warps": launch.num_warps, "num_stages": launch.num_stages}
+        if launch.maxnreg:
+            options["maxnreg"] = launch.maxnreg
+        yield (f"attention m{m} n{n} packed={packed} d{d}", pyramid._pyramid_attn_kernel,
                {"Q": "bf16", "KP": "bf16", "VP": "bf16", "Bias": "fp32", "Out": "bf16", "TileLevel": "i32",
                 "TileSeg": "i32", "Counts": "i32", "Segs": "i32", "Perm": "i64"}, ("sm_scale_log2",),
-               dict(H=12, D=128, BLOCK_M=m, N=n, TILE_N=tile_n, PACKED=packed, HAS_PERM=True),
-               {"num_warps": warps, "num_stages": stages})
+               dict(H=12, D=d, BLOCK_M=m, N=n, TILE_N=tile_n, PACKED=packed, HAS_PERM=True,
+                    LOOP_STAGES=launch.loop_stages, MASKED_STAGES=0),
+               options)
 
 
 def main() -> int:

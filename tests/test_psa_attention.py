@@ -139,7 +139,7 @@ def test_random_level_maps(L, m, n, D, packed, device):
     _close(_kernel(q, pyr, levels, m, packed), expected, **KERNEL_TOL)
 
 
-@pytest.mark.parametrize("n,tile_n", [(16, 16), (16, 64), (32, 32), (32, 256), (64, 64)])
+@pytest.mark.parametrize("n,tile_n", [(16, 16), (16, 64), (32, 32), (32, 256), (64, 64), (64, 32), (128, 64)])
 def test_kernel_with_other_tile_widths(n, tile_n, device):
     L, m = 5 * n + 3, 32
     q, k, v = structured_qkv((1, 1, L), heads=2, head_dim=32, seed=n + tile_n, device=device)
@@ -242,15 +242,19 @@ def _decode_schedule(sched, pyr, nkb, L):
                 order = [(t, True) for t in range(nregular)] + [(t, False) for t in range(max_tiles - nmasked, max_tiles)]
                 seen, tiles = [], []
                 for t, regular in order:
-                    p = int(tile_level[b, h, i, t])
+                    code = int(tile_level[b, h, i, t])
+                    p, sub = code & 15, code >> pyramid.SUB_SHIFT
                     assert p in (1, 2, 4, 8), p
                     first = int(tile_seg[b, h, i, t])
                     seg_len = n // p
-                    slots = tn // seg_len if sched.packed else 1
+                    slots, split = pyramid.level_split(n, p, tn, sched.packed)
+                    assert sub < split, (code, split)
                     if regular:
                         assert p == regular_level[t], f"regular tiles must go level by level: {(b, h, i, t)}"
+                        # a block wider than a tile: its sub-tiles in a row, the kernel's t % split
+                        assert sub == regular_index[t] % split, (b, h, i, t)
                         seg_start = rec[f"seg{p}"] if p > 1 else 0
-                        assert first == seg_start + regular_index[t] * slots, (b, h, i, t)
+                        assert first == seg_start + regular_index[t] // split * slots, (b, h, i, t)
                     empty = slots * seg_len < tn
                     blocks = []
                     for s_ in range(slots):
@@ -264,16 +268,16 @@ def _decode_schedule(sched, pyr, nkb, L):
                     if regular:
                         assert not empty, f"regular tile {t} of row {(b, h, i)} has empty columns"
                         assert tail not in blocks, f"regular tile {t} of row {(b, h, i)} holds the partial last block"
-                    seen += [(p, j) for j in blocks]
+                    seen += [(p, j, sub) for j in blocks]
                     tiles.append(p)
                 out[b, h, i] = seen, tiles
     return out
 
 
-@pytest.mark.parametrize("n", [16, 32, 64, 128])
+@pytest.mark.parametrize("n,tile_n", [(16, None), (32, None), (64, None), (128, None), (128, 32), (64, 16)])
 @pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("partial_tail", [True, False])
-def test_schedule_visits_every_selected_block_once(n, packed, partial_tail, device):
+def test_schedule_visits_every_selected_block_once(n, tile_n, packed, partial_tail, device):
     nkb, nqb = 37, 5
     L = nkb * n - (n // 2 if partial_tail else 0)
     k = torch.zeros(1, 2, L, 16, device=device)
@@ -281,17 +285,20 @@ def test_schedule_visits_every_selected_block_once(n, packed, partial_tail, devi
     levels = _random_levels(1, 2, nqb, nkb, seed=n)
     levels[0, 1, 4] = 0
     levels[0, 1, 4, 36] = 8  # a row with one block, the last
-    sched = pyramid.build_schedule(levels.to(device), pyr, packed=packed)
-    assert sched.packed is packed and sched.tile_n >= n
+    sched = pyramid.build_schedule(levels.to(device), pyr, packed=packed, tile_n=tile_n)
+    tile_n = sched.tile_n
+    assert sched.packed is packed
     for (b, h, i), (seen, tiles) in _decode_schedule(sched, pyr, nkb, L).items():
-        want = sorted((int(p), j) for j, p in enumerate(levels[b, h, i].tolist()) if p != 0)
+        # every selected block once, each of its sub-tiles once when it is wider than a tile
+        want = sorted((int(p), j, sub) for j, p in enumerate(levels[b, h, i].tolist()) if p != 0
+                      for sub in range(pyramid.level_split(n, int(p), tile_n, packed)[1]))
         assert sorted(seen) == want, (b, h, i)
         assert len(seen) == len(set(seen))
         for p in (1, 2, 4, 8):
             cnt = int((levels[b, h, i] == p).sum())
             # packing fills tiles: at most one partly filled tile per level and row
-            per_tile = sched.tile_n // (n // p) if packed else 1
-            assert tiles.count(p) == -(-cnt // per_tile), (p, cnt, tiles)
+            per_tile, split = pyramid.level_split(n, p, tile_n, packed)
+            assert tiles.count(p) == -(-cnt // per_tile) * split, (p, cnt, tiles)
 
 
 # ----------------------------------------------------------------------------- dense equivalence
