@@ -70,18 +70,21 @@ def _sampled_keys(kbase, Perm, t, kk, dd, L, nkb, skl,
 
 
 @triton.jit
-def _estimate_kernel(Q, K, Part, MaxAt, MaxEnd, Weight, Perm, L, nqb, nkb, ntiles, sampled, sm_scale_log2,
-                     sqb, sqh, sql, skb, skh, skl,
+def _estimate_kernel(Q, K, Part, MaxAt, MaxEnd, Norm, QWeight, Perm, L, nqb, nkb, ntiles, split_tiles, sampled,
+                     sm_scale_log2, sqb, sqh, sql, skb, skh, skl,
                      H: tl.constexpr, D: tl.constexpr, M: tl.constexpr, N: tl.constexpr,
                      SQ: tl.constexpr, SK: tl.constexpr, QBLOCKS: tl.constexpr, KBLOCKS: tl.constexpr,
-                     HAS_PERM: tl.constexpr):
+                     SPLITS: tl.constexpr, HAS_PERM: tl.constexpr):
     # One program: QBLOCKS query blocks of one (batch, head), so the sampled queries fill a
-    # tensor-core tile. One pass over the sampled keys with an online softmax: each tile's
-    # per (sampled query, key block) sums are written relative to the running maximum of that
-    # moment (MaxAt); _estimate_reduce_kernel rescales them once the final maximum and
-    # normaliser are known. One product and one exponential per sampled score.
+    # tensor-core tile, against one of SPLITS equal runs of the key tiles (more programs than
+    # multiprocessors x waves, so that the last wave is not half empty). One pass over the
+    # sampled keys with an online softmax: each tile's per (sampled query, key block) sums are
+    # written relative to the running maximum of that moment (MaxAt), and each run's final
+    # maximum and normaliser (MaxEnd, Norm); _estimate_reduce_kernel brings them together.
+    # One product and one exponential per sampled score.
     pid = tl.program_id(0)
     bh = tl.program_id(1)
+    split = tl.program_id(2)
     b = bh // H
     h = bh % H
     ROWS: tl.constexpr = QBLOCKS * SQ
@@ -108,7 +111,7 @@ def _estimate_kernel(Q, K, Part, MaxAt, MaxEnd, Weight, Perm, L, nqb, nkb, ntile
     jk = tl.arange(0, KBLOCKS)
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
-    for t in range(0, ntiles):
+    for t in range(split * split_tiles, tl.minimum(split * split_tiles + split_tiles, ntiles)):
         kt, kvalid = _sampled_keys(kbase, Perm, t, kk, dd, L, nkb, skl, N, SK, KBLOCKS, HAS_PERM)
         s = tl.where(kvalid[None, :], tl.dot(q, kt) * sm_scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # every tile holds a real key: finite
@@ -117,19 +120,22 @@ def _estimate_kernel(Q, K, Part, MaxAt, MaxEnd, Weight, Perm, L, nqb, nkb, ntile
         m_i = m_new
         tl.store(part + (t * KBLOCKS + jk)[None, :], tl.sum(tl.reshape(p, [ROWS, KBLOCKS, SK]), 2))
         tl.store(max_at + t, m_new)
-    # weight of each sampled query: 1 / (its normaliser * real samples of its query block)
-    nreal = tl.sum(tl.reshape(qvalid.to(tl.float32), [QBLOCKS, SQ]), 1)
-    w = tl.where(qvalid, 1.0 / l_i, 0.0)
-    w = tl.reshape(tl.reshape(w, [QBLOCKS, SQ]) / tl.maximum(nreal, 1.0)[:, None], [ROWS])
-    tl.store(MaxEnd + rows, m_i)
-    tl.store(Weight + rows, w)
+    # an empty run (more runs than tiles) leaves -inf and 0, which the reduction weighs as nothing
+    tl.store(MaxEnd + rows * SPLITS + split, m_i)
+    tl.store(Norm + rows * SPLITS + split, l_i)
+    if split == 0:  # each sampled query counts 1 / (real samples of its query block)
+        nreal = tl.sum(tl.reshape(qvalid.to(tl.float32), [QBLOCKS, SQ]), 1)
+        w = tl.reshape(tl.where(tl.reshape(qvalid, [QBLOCKS, SQ]), 1.0, 0.0) / tl.maximum(nreal, 1.0)[:, None], [ROWS])
+        tl.store(QWeight + rows, w)
 
 
 @triton.jit
-def _estimate_reduce_kernel(Part, MaxAt, MaxEnd, Weight, Out, nkb, ntiles, sampled, sob, soh, soq,
-                            H: tl.constexpr, SQ: tl.constexpr, KBLOCKS: tl.constexpr, CHUNK: tl.constexpr):
+def _estimate_reduce_kernel(Part, MaxAt, MaxEnd, Norm, QWeight, Out, nkb, ntiles, sampled, sob, soh, soq,
+                            H: tl.constexpr, SQ: tl.constexpr, KBLOCKS: tl.constexpr, CHUNK: tl.constexpr,
+                            SPLITS: tl.constexpr):
     # One program: CHUNK key blocks of one query block: the weighted sum over the block's
-    # sampled queries of their partial sums, each brought to the query's final maximum.
+    # sampled queries of their partial sums, each brought to the query's final maximum and
+    # divided by its normaliser (both gathered over the runs of key tiles).
     qb = tl.program_id(0)
     c = tl.program_id(1)
     bh = tl.program_id(2)
@@ -138,8 +144,11 @@ def _estimate_reduce_kernel(Part, MaxAt, MaxEnd, Weight, Out, nkb, ntiles, sampl
     inside = kb < nkb
     x = tl.load(Part + rows[:, None] * (ntiles * KBLOCKS) + kb[None, :], mask=inside[None, :], other=0.0)
     at = tl.load(MaxAt + rows[:, None] * ntiles + (kb // KBLOCKS)[None, :], mask=inside[None, :], other=0.0)
-    end = tl.load(MaxEnd + rows)
-    w = tl.load(Weight + rows)
+    sp = tl.arange(0, SPLITS)
+    ends = tl.load(MaxEnd + rows[:, None] * SPLITS + sp[None, :])
+    end = tl.max(ends, 1)
+    norm = tl.sum(tl.load(Norm + rows[:, None] * SPLITS + sp[None, :]) * tl.exp2(ends - end[:, None]), 1)
+    w = tl.load(QWeight + rows) / norm
     score = tl.sum(x * tl.exp2(at - end[:, None]) * w[:, None], 0)
     tl.store(Out + (bh // H) * sob + (bh % H) * soh + qb * soq + kb, score, mask=inside)
 
@@ -154,19 +163,42 @@ def _launch_shape(L: int, m: int, n: int, rows: int, tile: int) -> tuple[int, in
     return qblocks, kblocks, programs, triton.cdiv(-(-L // n), kblocks), programs * qblocks * sq
 
 
-def scratch_bytes_per_head(B: int, L: int, m: int, n: int, rows: int = 128, tile: int = 128) -> int:
-    """Device memory :func:`estimate_triton` holds while it runs, per head (B batch entries)."""
+MAX_SPLITS = 4
+SPLIT_MIN_PROGRAMS = 8  # runs of key tiles until programs >= this many per multiprocessor
+
+
+def key_splits(programs: int, multiprocessors: int, ntiles: int) -> int:
+    """Runs of key tiles per program row (1, 2 or 4): enough programs for the last wave of a
+    small launch not to leave most multiprocessors idle, each run at least 8 tiles long."""
+    splits = 1
+    while (splits < MAX_SPLITS and programs * splits < SPLIT_MIN_PROGRAMS * multiprocessors
+           and ntiles >= 16 * splits):
+        splits *= 2
+    return splits
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def scratch_bytes_per_head(B: int, L: int, m: int, n: int, rows: int = 128, tile: int = 128,
+                           splits: int = MAX_SPLITS) -> int:
+    """Device memory :func:`estimate_triton` holds while it runs, per head (B batch entries;
+    at most, with the most runs of key tiles)."""
     _, kblocks, _, ntiles, sampled = _launch_shape(L, m, n, rows, tile)
-    return B * sampled * (ntiles * kblocks + ntiles + 2) * 4
+    return B * sampled * (ntiles * kblocks + ntiles + 2 * splits + 1) * 4
 
 
 def estimate_triton(q: torch.Tensor, k: torch.Tensor, m: int, n: int,
                     perm: torch.Tensor | None = None, rows: int = 128, tile: int = 128,
                     num_warps: int | None = None, heads_per_pass: int | None = None,
-                    num_stages: int | None = None) -> torch.Tensor:
+                    num_stages: int | None = None, splits: int | None = None) -> torch.Tensor:
     """Same function as :func:`estimate_reference`, as Triton kernels. With ``perm`` the
     inputs are in the caller's order and are read as ``x[..., perm, :]`` without a copy.
-    The launch defaults are the fastest of the H100 probes (benchmarks/NOTES.md).
+    The launch defaults are the fastest of the H100 probes (benchmarks/NOTES.md); ``splits``
+    (1, 2 or 4 runs of key tiles per program row) defaults to :func:`key_splits`.
 
     The one pass keeps, for every sampled query, its sums per key block until the query's
     softmax normaliser is known: :func:`scratch_bytes_per_head` per head, freed on return;
@@ -181,21 +213,28 @@ def estimate_triton(q: torch.Tensor, k: torch.Tensor, m: int, n: int,
     out = torch.empty((B, H, nqb, nkb), device=q.device, dtype=torch.float32)
     qblocks, kblocks, programs, ntiles, sampled = _launch_shape(L, m, n, rows, tile)
     group = min(H, heads_per_pass or H)
+    if splits is None:
+        splits = key_splits(programs * B * group, _multiprocessors(q.device), ntiles)
+    if splits not in (1, 2, 4):
+        raise ValueError(f"splits {splits}; allowed: 1, 2, 4")
+    split_tiles = -(-ntiles // splits)
     part = torch.empty((B * group, sampled, ntiles * kblocks), device=q.device, dtype=torch.float32)
     max_at = torch.empty((B * group, sampled, ntiles), device=q.device, dtype=torch.float32)
-    max_end = torch.empty((B * group, sampled), device=q.device, dtype=torch.float32)
-    weight = torch.empty_like(max_end)
+    max_end = torch.empty((B * group, sampled, splits), device=q.device, dtype=torch.float32)
+    norm = torch.empty_like(max_end)
+    qweight = torch.empty((B * group, sampled), device=q.device, dtype=torch.float32)
     sm_scale_log2 = (1.0 / math.sqrt(D)) * 1.4426950408889634
     chunk = min(128, triton.next_power_of_2(nkb))
     for h0 in range(0, H, group):
         qh, kh, oh = q[:, h0:h0 + group], k[:, h0:h0 + group], out[:, h0:h0 + group]
         g = qh.shape[1]
-        _estimate_kernel[(programs, B * g)](
-            qh, kh, part, max_at, max_end, weight, perm if perm is not None else out, L, nqb, nkb, ntiles, sampled,
-            sm_scale_log2, qh.stride(0), qh.stride(1), qh.stride(2), kh.stride(0), kh.stride(1), kh.stride(2),
-            H=g, D=D, M=m, N=n, SQ=sq, SK=sk, QBLOCKS=qblocks, KBLOCKS=kblocks,
+        _estimate_kernel[(programs, B * g, splits)](
+            qh, kh, part, max_at, max_end, norm, qweight, perm if perm is not None else out, L, nqb, nkb, ntiles,
+            split_tiles, sampled, sm_scale_log2,
+            qh.stride(0), qh.stride(1), qh.stride(2), kh.stride(0), kh.stride(1), kh.stride(2),
+            H=g, D=D, M=m, N=n, SQ=sq, SK=sk, QBLOCKS=qblocks, KBLOCKS=kblocks, SPLITS=splits,
             HAS_PERM=perm is not None, num_warps=num_warps or 8, **({"num_stages": num_stages} if num_stages else {}))
         _estimate_reduce_kernel[(nqb, triton.cdiv(nkb, chunk), B * g)](
-            part, max_at, max_end, weight, oh, nkb, ntiles, sampled, oh.stride(0), oh.stride(1), oh.stride(2),
-            H=g, SQ=sq, KBLOCKS=kblocks, CHUNK=chunk, num_warps=4)
+            part, max_at, max_end, norm, qweight, oh, nkb, ntiles, sampled, oh.stride(0), oh.stride(1), oh.stride(2),
+            H=g, SQ=sq, KBLOCKS=kblocks, CHUNK=chunk, SPLITS=splits, num_warps=4)
     return out

@@ -49,14 +49,16 @@ def variants():
     """(name, kernel, pointers, floats, constexprs, launch options) of every variant the library launches."""
     for m, n in ((128, 32), (128, 128)):
         sq, sk = estimate.sample_counts(m, n)
-        yield (f"estimate m{m} n{n}", estimate._estimate_kernel,
-               {"Q": "bf16", "K": "bf16", "Part": "fp32", "MaxAt": "fp32", "MaxEnd": "fp32", "Weight": "fp32",
-                "Perm": "i64"}, ("sm_scale_log2",),
-               dict(H=12, D=128, M=m, N=n, SQ=sq, SK=sk, QBLOCKS=128 // sq, KBLOCKS=128 // sk, HAS_PERM=True),
+        splits = 2 if n == 32 else 1
+        yield (f"estimate m{m} n{n} splits{splits}", estimate._estimate_kernel,
+               {"Q": "bf16", "K": "bf16", "Part": "fp32", "MaxAt": "fp32", "MaxEnd": "fp32", "Norm": "fp32",
+                "QWeight": "fp32", "Perm": "i64"}, ("sm_scale_log2",),
+               dict(H=12, D=128, M=m, N=n, SQ=sq, SK=sk, QBLOCKS=128 // sq, KBLOCKS=128 // sk, SPLITS=splits,
+                    HAS_PERM=True),
                {"num_warps": 8})
-        yield (f"estimate reduce m{m} n{n}", estimate._estimate_reduce_kernel,
-               {"Part": "fp32", "MaxAt": "fp32", "MaxEnd": "fp32", "Weight": "fp32", "Out": "fp32"}, (),
-               dict(H=12, SQ=sq, KBLOCKS=128 // sk, CHUNK=128), {"num_warps": 4})
+        yield (f"estimate reduce m{m} n{n} splits{splits}", estimate._estimate_reduce_kernel,
+               {"Part": "fp32", "MaxAt": "fp32", "MaxEnd": "fp32", "Norm": "fp32", "QWeight": "fp32", "Out": "fp32"},
+               (), dict(H=12, SQ=sq, KBLOCKS=128 // sk, CHUNK=128, SPLITS=splits), {"num_warps": 4})
     bounds = ("r1lo", "r1hi", "r2lo", "r2hi", "r4lo", "r4hi", "r8lo", "r8hi")
     for threshold, nkb, presorted in ((True, 512, False), (False, 4096, True)):
         yield (f"levels threshold={threshold} nkb={nkb}", levels._assign_levels_kernel,

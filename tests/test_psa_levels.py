@@ -412,6 +412,10 @@ def test_estimate_triton_matches_reference(grid, text_len, m, n, D, seed, device
     torch.testing.assert_close(estimate.estimate_triton(q, k, m, n, perm), ref_perm, atol=atol, rtol=0)
     # heads one at a time (a scratch of one head): the very same scores
     assert torch.equal(estimate.estimate_triton(q, k, m, n, heads_per_pass=1), got)
+    # the key tiles in 1, 2 or 4 runs per program row (runs without tiles included at these
+    # lengths): the same scores up to the order of the rescaling
+    for splits in (1, 2, 4):
+        torch.testing.assert_close(estimate.estimate_triton(q, k, m, n, splits=splits), ref, atol=atol, rtol=0)
     B, H, L = q.shape[:3]
     if got.is_cuda:  # what the scratch takes, as scratch_bytes_per_head says
         torch.cuda.synchronize()
@@ -420,6 +424,18 @@ def test_estimate_triton_matches_reference(grid, text_len, m, n, D, seed, device
         estimate.estimate_triton(q, k, m, n)
         extra = torch.cuda.max_memory_allocated() - base - got.numel() * 4
         assert 0 < extra <= H * estimate.scratch_bytes_per_head(B, L, m, n) + 4096
+
+
+def test_key_splits_fill_small_launches_only():
+    # Wan 480p x 81: 32 programs x 12 heads on 132 multiprocessors; 720p: 74 x 12; 8 a multiprocessor
+    assert estimate.key_splits(384, 132, 256) == 4
+    assert estimate.key_splits(888, 132, 591) == 2
+    assert estimate.key_splits(1056, 132, 591) == 1
+    assert estimate.key_splits(10, 132, 1000) == estimate.MAX_SPLITS
+    assert estimate.key_splits(10, 132, 20) == 2  # runs of at least 8 tiles
+    assert estimate.key_splits(10, 132, 12) == 1
+    with pytest.raises(ValueError, match="splits 3; allowed: 1, 2, 4"):
+        estimate.estimate_triton(*structured_qkv((2, 2, 4), heads=1, head_dim=16)[:2], 16, 16, splits=3)
 
 
 # ----------------------------------------------------------------------------- long rows
