@@ -360,6 +360,37 @@ def test_heads_per_pass_follow_free_memory():
     assert heads_that_fit(12, 100, 50) == 1       # never fewer than one
 
 
+def test_default_heads_per_pass_reads_the_allocator_then_the_driver(monkeypatch):
+    """psa_attention's default: the allocator's cached free bytes first; the driver's free
+    memory is asked for only when the cache cannot hold all heads."""
+    from psa_kernels import api, estimate
+
+    class CudaLike:  # the attributes _heads_that_fit reads of q
+        shape, is_cuda, device = (1, 12, 32760, 128), True, "cuda:0"
+
+        def element_size(self):
+            return 2
+
+    cfg = _cfg({1: [0, .1], 0: [.1, 1]}, "topk", m=128, n=64)
+    per_head = max(pyramid.attention_bytes_per_head(1, 32760, 128, 2, 128, 64, True),
+                   estimate.scratch_bytes_per_head(1, 32760, 128, 64))
+    cached, driver = [12 * per_head * 2], [0]
+
+    def stats(device):
+        return {"reserved_bytes": {"all": {"current": cached[0] + 1000}},
+                "allocated_bytes": {"all": {"current": 1000}}}
+
+    def mem_get_info(device):
+        driver[0] += 1
+        return 3 * per_head, 80 << 30
+
+    monkeypatch.setattr(torch.cuda, "memory_stats_as_nested_dict", stats)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    assert api._heads_that_fit(CudaLike(), cfg) == 12 and driver[0] == 0
+    cached[0] = 2 * per_head  # short: 5 heads' worth with the driver's, 90% of it holds 4
+    assert api._heads_that_fit(CudaLike(), cfg) == 4 and driver[0] == 1
+
+
 
 @pytest.mark.parametrize("use_sim_mask", [False, True])
 @pytest.mark.parametrize("heads_per_pass", [1, 2])
