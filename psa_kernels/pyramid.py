@@ -5,10 +5,11 @@ Keys and values are kept at four resolutions in one buffer (the *pyramid*): leve
 A pooled key stands for the c real keys it averages, so it gets the logit bias ln c;
 padding rows get -inf. The kernel walks, for each query block, a list of *tiles*: a tile
 is ``TILE_N`` pyramid rows made of equal *segments*, one segment being one key block at
-one level (n/p rows). Packing p pooled blocks (or several small level-1 blocks) into one
-tile keeps every tile as wide as a full one, so pooled levels cost no more per unit of
-density than full resolution (``attn_impl: new_mask_type``). ``old_mask_type`` puts one
-key block in each tile, the research code's schedule.
+one level (n/p rows); a block wider than a tile spans several tiles. Packing p pooled
+blocks (or several small level-1 blocks) into one tile keeps every tile as wide as a full
+one, so pooled levels cost about as much per unit of density as full resolution
+(``attn_impl: new_mask_type``). ``old_mask_type`` puts one key block in each tile, the
+research code's schedule.
 """
 from __future__ import annotations
 
