@@ -133,9 +133,7 @@ def main():
                   "work_density": work_flops / dense_flops})
         if args.sweep:
             sweep = {}
-            for tn in (64, 128):
-                if tn < n:
-                    continue
+            for tn in (64, 128):  # key blocks wider than the tile span several tiles
                 sc = pyramid.build_schedule(plan.levels, pyr, cfg.attn_impl == "new_mask_type", tile_n=tn)
                 wf = float(sc.num_tiles.sum()) * 4 * m * tn * D
                 for nw in (4, 8):

@@ -150,6 +150,26 @@ def test_kernel_with_other_tile_widths(n, tile_n, device):
         _close(_kernel(q, pyr, levels, m, packed, tile_n=tile_n), expected, **KERNEL_TOL)
 
 
+def test_level_split_and_launch_config():
+    # 64-row tiles: level-1 blocks of 128 rows span two tiles, narrower segments share one
+    assert pyramid.level_split(128, 1, 64, True) == (1, 2)
+    assert pyramid.level_split(128, 2, 64, True) == (1, 1)
+    assert pyramid.level_split(128, 8, 64, True) == (4, 1)
+    assert pyramid.level_split(32, 1, 64, True) == (2, 1)
+    assert pyramid.level_split(32, 8, 64, False) == (1, 1)  # unpacked: one block a tile
+    # 128-row query blocks on 64-row tiles: two programs a multiprocessor (8 warps, 128
+    # registers) for head dims up to 128; no cap where the accumulator alone needs more
+    cfg = pyramid.kernel_launch_config(128, 64, True, 128)
+    assert (cfg.num_warps, cfg.num_stages, cfg.maxnreg, cfg.loop_stages) == (8, 2, 128, 3)
+    assert pyramid.kernel_launch_config(128, 64, True, 256).maxnreg is None
+    assert pyramid.kernel_launch_config(64, 64, True, 64).num_warps == 4
+    assert pyramid.kernel_launch_config(128, 128, False).num_stages == 2
+    # explicit warps other than the default's drop the cap; maxnreg=0 means none
+    assert pyramid._register_cap(cfg, None, None) == 128
+    assert pyramid._register_cap(cfg, 4, None) is None
+    assert pyramid._register_cap(cfg, None, 0) is None
+
+
 # ----------------------------------------------------------------------------- pyramid and schedule
 
 def test_build_pyramid_pools_real_keys_only():
