@@ -526,15 +526,18 @@ class LaunchConfig:
     loop_stages: int = 0
 
 
-def kernel_launch_config(m: int, tile_n: int, packed: bool = True, head_dim: int = 128) -> LaunchConfig:
+def kernel_launch_config(m: int, tile_n: int, packed: bool = True, head_dim: int = 128,
+                         major: int = 9) -> LaunchConfig:
     """The fastest launch of the H100 sweeps (benchmarks/NOTES.md, change 18). For 128-row
     query blocks on 64-row tiles: 8 warps, 2 stages and at most 128 registers a thread, so
     that two programs share a multiprocessor (one's softmax runs under the other's matrix
-    products); the per-level loops pipelined 3 deep. Wider tiles: 8 warps and 3 stages (2
-    where one key block per tile leaves most tiles masked). Smaller query blocks: 4 warps,
-    2 stages."""
+    products); the per-level loops pipelined 3 deep. The register cap only where the shared
+    memory holds two programs (Hopper, compute capability ``major`` >= 9; elsewhere it would
+    only add spills) and the accumulator fits under it (head dim <= 128). Wider tiles: 8
+    warps and 3 stages (2 where one key block per tile leaves most tiles masked). Smaller
+    query blocks: 4 warps, 2 stages."""
     if m >= 128 and tile_n <= 64:
-        return LaunchConfig(8, 2, 128 if head_dim <= 128 else None, 3)
+        return LaunchConfig(8, 2, 128 if head_dim <= 128 and major >= 9 else None, 3)
     if m >= 128:
         return LaunchConfig(8, 3 if packed else 2)
     return LaunchConfig(4, 2)
@@ -560,7 +563,8 @@ def attention_triton(q: torch.Tensor, pyr: Pyramid, sched: Schedule, m: int,
     nqb = sched.counts.shape[2]
     if out is None:
         out = torch.empty_like(q)
-    cfg = kernel_launch_config(m, sched.tile_n, sched.packed, D)
+    major = torch.cuda.get_device_capability(q.device)[0] if q.is_cuda else 9
+    cfg = kernel_launch_config(m, sched.tile_n, sched.packed, D, major)
     sm_scale_log2 = LOG2E / math.sqrt(D)
     _pyramid_attn_kernel[(nqb, B * H)](
         q, pyr.k, pyr.v, pyr.bias, out, sched.tile_level, sched.tile_seg, sched.counts,

@@ -162,6 +162,7 @@ def test_level_split_and_launch_config():
     cfg = pyramid.kernel_launch_config(128, 64, True, 128)
     assert (cfg.num_warps, cfg.num_stages, cfg.maxnreg, cfg.loop_stages) == (8, 2, 128, 3)
     assert pyramid.kernel_launch_config(128, 64, True, 256).maxnreg is None
+    assert pyramid.kernel_launch_config(128, 64, True, 128, major=8).maxnreg is None  # one program an SM
     assert pyramid.kernel_launch_config(64, 64, True, 64).num_warps == 4
     assert pyramid.kernel_launch_config(128, 128, False).num_stages == 2
     # explicit warps other than the default's drop the cap; maxnreg=0 means none
