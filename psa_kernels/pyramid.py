@@ -495,14 +495,14 @@ def _regular_loop(q, kbase, vbase, seg_row, seg_first, ntiles, r, skl, svl, dd, 
     BIAS: tl.constexpr = 0.0 if P == 1 else (1.0 if P == 2 else (2.0 if P == 4 else 3.0))
     if LOOP_STAGES > 0:  # the loop's own pipelining also prefetches the segment starts
         for t in tl.range(0, ntiles, num_stages=LOOP_STAGES):
-            k, v = _regular_tile(kbase, vbase, seg_row, seg_first, t, r, skl, svl, dd, Perm, SEG_LEN, TILE_N, PER_TILE,
-                                     GATHER)
+            k, v = _regular_tile(kbase, vbase, seg_row, seg_first, t, r, skl, svl, dd, Perm,
+                                 SEG_LEN, TILE_N, PER_TILE, GATHER)
             s = tl.dot(q, tl.trans(k))
             m_i, l_i, acc = _attend_tile(s, v, scale, BIAS, m_i, l_i, acc)
     else:
         for t in range(0, ntiles):
-            k, v = _regular_tile(kbase, vbase, seg_row, seg_first, t, r, skl, svl, dd, Perm, SEG_LEN, TILE_N, PER_TILE,
-                                     GATHER)
+            k, v = _regular_tile(kbase, vbase, seg_row, seg_first, t, r, skl, svl, dd, Perm,
+                                 SEG_LEN, TILE_N, PER_TILE, GATHER)
             s = tl.dot(q, tl.trans(k))
             m_i, l_i, acc = _attend_tile(s, v, scale, BIAS, m_i, l_i, acc)
     return m_i, l_i, acc
