@@ -352,8 +352,9 @@ def _schedule_kernel(Levels, Segs, TileLevel, TileSeg, Counts, nkb, tail_block, 
 def _schedule_shape(nkb: int, n: int, packed: bool, tn: int):
     """Segments per tile, tiles per segment and the most tiles of each level, and the
     worst-case segment and tile slots of one schedule row."""
-    per_tile = {p: level_split(n, p, tn, packed)[0] for p in LEVEL_ORDER}
-    split = {p: level_split(n, p, tn, packed)[1] for p in LEVEL_ORDER}
+    shapes = {p: level_split(n, p, tn, packed) for p in LEVEL_ORDER}
+    per_tile = {p: shapes[p][0] for p in LEVEL_ORDER}
+    split = {p: shapes[p][1] for p in LEVEL_ORDER}
     groups = {p: -(-nkb // per_tile[p]) for p in LEVEL_ORDER}
     max_t = {p: groups[p] * split[p] for p in LEVEL_ORDER}
     return per_tile, split, max_t, sum(groups[p] * per_tile[p] for p in LEVEL_ORDER), sum(max_t.values())
@@ -516,7 +517,7 @@ def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, Counts, Segs,
                          s_tl, s_seg,
                          H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                          N: tl.constexpr, TILE_N: tl.constexpr, PACKED: tl.constexpr,
-                         HAS_PERM: tl.constexpr, LOOP_STAGES: tl.constexpr, MASKED_STAGES: tl.constexpr,
+                         HAS_PERM: tl.constexpr, LOOP_STAGES: tl.constexpr,
                          L1_INPUT: tl.constexpr):
     # Branch-free loops, so that loads pipeline: the regular tiles of each level in a loop of
     # their own (segment length and bias known at compile time), then the masked tiles
@@ -562,17 +563,12 @@ def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, Counts, Segs,
     m_i, l_i, acc = _regular_loop(q, kbase, vbase, seg_row, tl.load(rec + 7), tl.load(rec + 3), r, skl, svl, dd,
                                   scale, m_i, l_i, acc, 8, N, TILE_N, PACKED, LOOP_STAGES, Perm, False)
     # masked tiles: empty slots or the partial last block, masked loads and the per-row
-    # ln(count) bias; the loop's own pipelining (MASKED_STAGES > 0) also prefetches the tile list
-    if MASKED_STAGES > 0:
-        for t in tl.range(s_tl - tl.load(rec + 4), s_tl, num_stages=MASKED_STAGES):
-            m_i, l_i, acc = _masked_step(q, kbase, vbase, Bias, TileLevel + tiles + t, TileSeg + tiles + t, seg_row,
-                                         r, skl, svl, dd, scale, m_i, l_i, acc, k1base, v1base, Perm, sal, scl, L,
-                                         N, TILE_N, PACKED, L1_INPUT, HAS_PERM)
-    else:
-        for t in range(s_tl - tl.load(rec + 4), s_tl):
-            m_i, l_i, acc = _masked_step(q, kbase, vbase, Bias, TileLevel + tiles + t, TileSeg + tiles + t, seg_row,
-                                         r, skl, svl, dd, scale, m_i, l_i, acc, k1base, v1base, Perm, sal, scl, L,
-                                         N, TILE_N, PACKED, L1_INPUT, HAS_PERM)
+    # ln(count) bias (pipelined by the kernel-wide num_stages; the loop's own pipelining moved
+    # the time by -3% to +7% by preset, benchmarks/NOTES.md change 18)
+    for t in range(s_tl - tl.load(rec + 4), s_tl):
+        m_i, l_i, acc = _masked_step(q, kbase, vbase, Bias, TileLevel + tiles + t, TileSeg + tiles + t, seg_row,
+                                     r, skl, svl, dd, scale, m_i, l_i, acc, k1base, v1base, Perm, sal, scl, L,
+                                     N, TILE_N, PACKED, L1_INPUT, HAS_PERM)
     acc = acc / l_i[:, None]
     tl.store(Out + b * sob + h * soh + src[:, None] * sol + dd[None, :], acc.to(Out.dtype.element_ty),
              mask=qmask[:, None])
@@ -616,7 +612,7 @@ def _register_cap(cfg: LaunchConfig, num_warps: int | None, maxnreg: int | None)
 def attention_triton(q: torch.Tensor, pyr: Pyramid, sched: Schedule, m: int,
                      out: torch.Tensor | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, perm: torch.Tensor | None = None,
-                     loop_stages: int | None = None, masked_stages: int | None = None,
+                     loop_stages: int | None = None,
                      maxnreg: int | None = None) -> torch.Tensor:
     """The pyramid attention kernel over a schedule; same function as attention_reference.
 
@@ -645,7 +641,7 @@ def attention_triton(q: torch.Tensor, pyr: Pyramid, sched: Schedule, m: int,
         sched.tile_level.stride(2), sched.segs.stride(2),
         H=H, D=D, BLOCK_M=m, N=pyr.n, TILE_N=sched.tile_n, PACKED=sched.packed, HAS_PERM=perm is not None,
         LOOP_STAGES=cfg.loop_stages if loop_stages is None else loop_stages,
-        MASKED_STAGES=masked_stages or 0, L1_INPUT=pyr.level1 is not None,
+        L1_INPUT=pyr.level1 is not None,
         num_warps=num_warps or cfg.num_warps, num_stages=num_stages or cfg.num_stages,
         **({"maxnreg": mr} if (mr := _register_cap(cfg, num_warps, maxnreg)) else {}))
     return out

@@ -94,7 +94,7 @@ def variants():
                 "TileSeg": "i32", "Counts": "i32", "Segs": "i32", "Perm": "i64", "K1": "bf16", "V1": "bf16"},
                ("sm_scale_log2",),
                dict(H=12, D=d, BLOCK_M=m, N=n, TILE_N=tile_n, PACKED=packed, HAS_PERM=True,
-                    LOOP_STAGES=launch.loop_stages, MASKED_STAGES=0, L1_INPUT=l1_input),
+                    LOOP_STAGES=launch.loop_stages, L1_INPUT=l1_input),
                options)
 
 
