@@ -77,6 +77,14 @@ def _level_of(x, lv_now, lvl, lo, hi, CLOSED_AT_ONE: tl.constexpr):
 
 
 @triton.jit
+def _ordered_key(x):
+    """float32 -> int64 in [0, 2^32) in the same order (negatives below positives, -0.0 equal
+    to +0.0)."""
+    bits = (x + 0.0).to(tl.int32, bitcast=True).to(tl.int64)
+    return tl.where(bits >= 0, bits + 2147483648, -1 - bits)
+
+
+@triton.jit
 def _assign_levels_kernel(Scores, Order, Out, nkb, keep, r1lo, r1hi, r2lo, r2hi, r4lo, r4hi, r8lo, r8hi,
                           THRESHOLD: tl.constexpr, NKB: tl.constexpr, PRESORTED: tl.constexpr):
     # One program: one (batch, head, query block) row. The row is ranked by one sort of
@@ -91,11 +99,13 @@ def _assign_levels_kernel(Scores, Order, Out, nkb, keep, r1lo, r1hi, r2lo, r2hi,
         ranked = sc
         order = tl.load(Order + row * nkb + idx, mask=valid, other=0).to(tl.int32)
     else:
-        bits = sc.to(tl.int32, bitcast=True).to(tl.int64)
-        key = tl.where(valid, (bits << 32) | (NKB - 1 - idx).to(tl.int64), -1)
+        ordered = _ordered_key(sc) - 2147483648  # signed, so the shifted key keeps the order
+        key = tl.where(valid, (ordered << 32) | (NKB - 1 - idx).to(tl.int64), -9223372036854775808)
         key = tl.sort(key, descending=True)
         order = NKB - 1 - (key & 0xFFFFFFFF).to(tl.int32)
-        ranked = (key >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        ordered = (key >> 32) + 2147483648
+        bits = tl.where(ordered >= 2147483648, ordered - 2147483648, -1 - ordered)
+        ranked = bits.to(tl.int32).to(tl.float32, bitcast=True)
     rank = idx
     lv = tl.zeros([NKB], tl.int32)
     if THRESHOLD:
@@ -115,18 +125,79 @@ def _assign_levels_kernel(Scores, Order, Out, nkb, keep, r1lo, r1hi, r2lo, r2hi,
     tl.store(Out + row * nkb + order, lv.to(tl.int8), mask=rank < nkb)
 
 
+@triton.jit
+def _topk_levels_kernel(Scores, Cuts, Table, Out, nkb, NCUT: tl.constexpr, C: tl.constexpr, NKB: tl.constexpr):
+    # One program: one (batch, head, query block) row, without sorting it. A topk level
+    # depends only on the block's rank, and the rank table changes level at NCUT ranks
+    # (Cuts). For each cut c, a bisection over the scores' order-preserving integer keys
+    # finds the c-th largest key (32 counting steps, all cuts at once); blocks above it rank
+    # before c, and of the blocks equal to it the lowest indices do (a stable descending
+    # sort's order). A block's level is Table[number of cuts it does not rank before].
+    row = tl.program_id(0)
+    idx = tl.arange(0, NKB)
+    valid = idx < nkb
+    sc = tl.load(Scores + row * nkb + idx, mask=valid, other=0.0)
+    key = tl.where(valid, _ordered_key(sc), -1)  # padding counts as nothing: every search stays >= 0
+    ci = tl.arange(0, C)
+    real = ci < NCUT
+    cut = tl.load(Cuts + ci, mask=real, other=0)
+    lo = tl.zeros([C], tl.int64)  # invariant: at least `cut` keys >= lo
+    hi = tl.full([C], 4294967295, tl.int64)
+    for _ in range(32):
+        mid = (lo + hi + 1) >> 1
+        ok = tl.sum((key[None, :] >= mid[:, None]).to(tl.int32), 1) >= cut
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    above = key[None, :] > lo[:, None]
+    tie = (key[None, :] == lo[:, None]).to(tl.int32)
+    room = cut - tl.sum(above.to(tl.int32), 1)  # ranks before the cut left to the ties
+    before = above | ((tie == 1) & (tl.cumsum(tie, 1) - tie < room[:, None]))
+    interval = tl.sum((real[:, None] & ~before).to(tl.int32), 0)
+    lv = tl.load(Table + interval)
+    tl.store(Out + row * nkb + idx, lv.to(tl.int8), mask=valid)
+
+
+_TOPK_TABLES: dict = {}
+
+
+def _topk_table(nkb: int, cfg: PSAConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ranks where the topk level changes, level of each interval between them) as int64
+    device tensors, cached: the rank table of :func:`assign_levels` with its empty-row rule."""
+    key = (nkb, tuple(cfg.level_ranges()), str(device))
+    hit = _TOPK_TABLES.get(key)
+    if hit is None:
+        by_rank = _ranked_levels_topk(nkb, cfg, "cpu")
+        if not bool((by_rank != 0).any()):
+            by_rank[0] = 1  # no row may be empty
+        change = (by_rank[1:] != by_rank[:-1]).nonzero().flatten() + 1
+        table = torch.cat([by_rank[:1], by_rank[change]]).long()
+        hit = _TOPK_TABLES[key] = (change.long().to(device), table.to(device))
+    return hit
+
+
 def assign_levels_triton(scores: torch.Tensor, cfg: PSAConfig,
                          text_q_blocks: torch.Tensor | None = None,
                          text_k_blocks: torch.Tensor | None = None,
-                         num_warps: int | None = None, presort_above: int | None = None) -> torch.Tensor:
+                         num_warps: int | None = None, presort_above: int | None = None,
+                         select: bool = True) -> torch.Tensor:
     """Same levels as :func:`assign_levels`, one Triton program per row.
 
-    Cumulative sums are taken in another order than torch's, so a block whose preceding
-    mass lies within rounding of a range boundary may land on the other side."""
+    topk rows are not sorted: each level boundary's rank is found by a bisection over the
+    scores (``select=False``: by sorting, as thresholdbound rows are). Cumulative sums are
+    taken in another order than torch's, so a thresholdbound block whose preceding mass lies
+    within rounding of a range boundary may land on the other side."""
     nkb = scores.shape[-1]
     scores = scores.contiguous()
     out = torch.empty(scores.shape, dtype=torch.int8, device=scores.device)
     threshold = cfg.mask_mode == "thresholdbound"
+    if select and not threshold:
+        cuts, table = _topk_table(nkb, cfg, scores.device)
+        nkb_pow2 = triton.next_power_of_2(nkb)
+        _topk_levels_kernel[(scores.numel() // nkb,)](
+            scores, cuts, table, out, nkb, NCUT=cuts.numel(), C=triton.next_power_of_2(max(1, cuts.numel())),
+            NKB=nkb_pow2, num_warps=num_warps or (4 if nkb_pow2 <= 1024 else 8))
+        _text_full(out, text_q_blocks, text_k_blocks)
+        return out
     bounds = []
     for lvl in (1, 2, 4, 8):
         if lvl not in cfg.mask_ratios:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from psa_kernels import estimate
+from psa_kernels import estimate, levels as levels_mod
 from psa_kernels.config import PSAConfig, SimThresholds
 from psa_kernels.layout import arrange
 from psa_kernels.levels import (apply_similarity_guard, assign_levels, assign_levels_triton, density,
@@ -461,3 +461,37 @@ def test_triton_levels_of_long_rows_match_torch(mode, ratios, nkb, presort_above
                                presort_above=presort_above).cpu()
     assert got.dtype == torch.int8
     assert torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------- topk by selection
+
+@pytest.mark.parametrize("ratios", TOPK_RATIOS + [{1: [0.0, 1.0]}, {0: [0.0, 1.0]}, {2: [0.0, 0.02], 0: [0.02, 1.0]}])
+@pytest.mark.parametrize("nkb", [1, 7, 64, 300])
+def test_topk_levels_by_selection_match_the_sorted_ranking(ratios, nkb, device):
+    # The topk kernel finds each level boundary's rank by bisection instead of sorting. On
+    # rows with many ties, ties at zero, negative and -0.0 scores, it must give the torch
+    # reference's levels (stable descending order: the lower block index ranks first) and the
+    # sorting kernel's.
+    gen = torch.Generator().manual_seed(nkb)
+    scores = torch.randint(-3, 5, (1, 2, 3, nkb), generator=gen).float() / 4
+    scores[0, 0, 0] = 0.5                                # every block ties
+    scores[0, 0, 1] = torch.rand(nkb, generator=gen)     # no ties
+    scores[0, 1, 0, ::2] = -0.0                          # -0.0 ties with +0.0
+    scores[0, 1, 1] = -torch.rand(nkb, generator=gen)    # all negative
+    cfg = _cfg(ratios, "topk")
+    want = assign_levels(scores, cfg)
+    got = assign_levels_triton(scores.to(device), cfg).cpu()
+    assert got.dtype == torch.int8
+    assert torch.equal(got, want)
+    assert torch.equal(assign_levels_triton(scores.to(device), cfg, select=False).cpu(), want)
+    assert (want != 0).any(dim=-1).all()  # no row is left empty
+
+
+def test_topk_rank_table_changes_where_the_ranges_do():
+    cfg = _cfg(TOPK_RATIOS[1], "topk")
+    cuts, table = levels_mod._topk_table(1024, cfg, "cpu")
+    # psa_topk over 1024 blocks: ranks [0, 51) level 1, [51, 102) 2, [102, 154) 4, [154, 256) 8
+    assert cuts.tolist() == [51, 102, 154, 256]
+    assert table.tolist() == [1, 2, 4, 8, 0]
+    cuts, table = levels_mod._topk_table(10, _cfg({0: [0.0, 1.0]}, "topk"), "cpu")
+    assert cuts.tolist() == [1] and table.tolist() == [1, 0]  # the best block keeps level 1
