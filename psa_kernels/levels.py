@@ -18,6 +18,10 @@ MIN_FULL_SHARE = 0.06
 # Rows of more key blocks than this (rounded up to a power of two) are ranked by torch's
 # segmented sort before the level kernel (H100 probe, benchmarks/NOTES.md).
 PRESORT_ABOVE = 1024
+# topk rows whose rank table changes level at most this many times are ranked by bisection
+# instead of a sort (H100 probe, benchmarks/NOTES.md change 21: one cut 0.02-0.03 ms against a
+# 0.05-0.14 ms sort at 480p, 0.09-0.35 against 0.37-0.98 ms at 720p; four cuts lose at 720p).
+SELECT_CUTS = 2
 
 
 def _ranked_levels_topk(nkb: int, cfg: PSAConfig, device) -> torch.Tensor:
@@ -77,11 +81,10 @@ def _level_of(x, lv_now, lvl, lo, hi, CLOSED_AT_ONE: tl.constexpr):
 
 
 @triton.jit
-def _ordered_key(x):
-    """float32 -> int64 in [0, 2^32) in the same order (negatives below positives, -0.0 equal
-    to +0.0)."""
-    bits = (x + 0.0).to(tl.int32, bitcast=True).to(tl.int64)
-    return tl.where(bits >= 0, bits + 2147483648, -1 - bits)
+def _ordered_key32(x):
+    """float32 -> int32 in the same order (negatives below positives, -0.0 equal to +0.0)."""
+    bits = (x + 0.0).to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 @triton.jit
@@ -99,13 +102,12 @@ def _assign_levels_kernel(Scores, Order, Out, nkb, keep, r1lo, r1hi, r2lo, r2hi,
         ranked = sc
         order = tl.load(Order + row * nkb + idx, mask=valid, other=0).to(tl.int32)
     else:
-        ordered = _ordered_key(sc) - 2147483648  # signed, so the shifted key keeps the order
+        ordered = _ordered_key32(sc).to(tl.int64)
         key = tl.where(valid, (ordered << 32) | (NKB - 1 - idx).to(tl.int64), -9223372036854775808)
         key = tl.sort(key, descending=True)
         order = NKB - 1 - (key & 0xFFFFFFFF).to(tl.int32)
-        ordered = (key >> 32) + 2147483648
-        bits = tl.where(ordered >= 2147483648, ordered - 2147483648, -1 - ordered)
-        ranked = bits.to(tl.int32).to(tl.float32, bitcast=True)
+        ordered = (key >> 32).to(tl.int32)
+        ranked = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)  # the key's inverse
     rank = idx
     lv = tl.zeros([NKB], tl.int32)
     if THRESHOLD:
@@ -126,34 +128,40 @@ def _assign_levels_kernel(Scores, Order, Out, nkb, keep, r1lo, r1hi, r2lo, r2hi,
 
 
 @triton.jit
-def _topk_levels_kernel(Scores, Cuts, Table, Out, nkb, NCUT: tl.constexpr, C: tl.constexpr, NKB: tl.constexpr):
+def _topk_levels_kernel(Scores, Cuts, Table, Out, nkb, NCUT: tl.constexpr, CP: tl.constexpr, NKB: tl.constexpr):
     # One program: one (batch, head, query block) row, without sorting it. A topk level
     # depends only on the block's rank, and the rank table changes level at NCUT ranks
     # (Cuts). For each cut c, a bisection over the scores' order-preserving integer keys
-    # finds the c-th largest key (32 counting steps, all cuts at once); blocks above it rank
-    # before c, and of the blocks equal to it the lowest indices do (a stable descending
-    # sort's order). A block's level is Table[number of cuts it does not rank before].
+    # finds the c-th largest key (32 counting steps, the cuts' counts side by side); blocks
+    # above it rank before c, and of the blocks equal to it the lowest indices do (a stable
+    # descending sort's order). A block's level is Table[number of cuts it does not rank before].
     row = tl.program_id(0)
     idx = tl.arange(0, NKB)
     valid = idx < nkb
-    sc = tl.load(Scores + row * nkb + idx, mask=valid, other=0.0)
-    key = tl.where(valid, _ordered_key(sc), -1)  # padding counts as nothing: every search stays >= 0
-    ci = tl.arange(0, C)
-    real = ci < NCUT
-    cut = tl.load(Cuts + ci, mask=real, other=0)
-    lo = tl.zeros([C], tl.int64)  # invariant: at least `cut` keys >= lo
-    hi = tl.full([C], 4294967295, tl.int64)
+    key = _ordered_key32(tl.load(Scores + row * nkb + idx, mask=valid, other=0.0))
+    ci = tl.arange(0, CP)
+    cuts = tl.load(Cuts + ci, mask=ci < NCUT, other=0).to(tl.int32)
+    lo = tl.full([CP], -2147483648, tl.int64)  # invariant: at least `cut` keys >= lo
+    hi = tl.full([CP], 2147483647, tl.int64)
     for _ in range(32):
         mid = (lo + hi + 1) >> 1
-        ok = tl.sum((key[None, :] >= mid[:, None]).to(tl.int32), 1) >= cut
+        count = tl.zeros([CP], tl.int32)
+        for j in tl.static_range(NCUT):  # independent counts: their reductions interleave
+            mid_j = tl.sum(tl.where(ci == j, mid, 0), 0).to(tl.int32)
+            count = tl.where(ci == j, tl.sum((valid & (key >= mid_j)).to(tl.int32), 0), count)
+        ok = count >= cuts
         lo = tl.where(ok, mid, lo)
         hi = tl.where(ok, hi, mid - 1)
-    above = key[None, :] > lo[:, None]
-    tie = (key[None, :] == lo[:, None]).to(tl.int32)
-    room = cut - tl.sum(above.to(tl.int32), 1)  # ranks before the cut left to the ties
-    before = above | ((tie == 1) & (tl.cumsum(tie, 1) - tie < room[:, None]))
-    interval = tl.sum((real[:, None] & ~before).to(tl.int32), 0)
-    lv = tl.load(Table + interval)
+    interval = tl.zeros([NKB], tl.int32)
+    for j in tl.static_range(NCUT):
+        cut = tl.sum(tl.where(ci == j, cuts, 0), 0)
+        kth = tl.sum(tl.where(ci == j, lo, 0), 0).to(tl.int32)
+        above = valid & (key > kth)
+        tie = (valid & (key == kth)).to(tl.int32)
+        room = cut - tl.sum(above.to(tl.int32), 0)  # ranks before the cut left to the ties
+        before = above | ((tie == 1) & (tl.cumsum(tie, 0) - tie < room))
+        interval += (~before).to(tl.int32)
+    lv = tl.load(Table + interval, mask=valid, other=0)
     tl.store(Out + row * nkb + idx, lv.to(tl.int8), mask=valid)
 
 
@@ -179,23 +187,26 @@ def assign_levels_triton(scores: torch.Tensor, cfg: PSAConfig,
                          text_q_blocks: torch.Tensor | None = None,
                          text_k_blocks: torch.Tensor | None = None,
                          num_warps: int | None = None, presort_above: int | None = None,
-                         select: bool = True) -> torch.Tensor:
+                         select: bool | None = None) -> torch.Tensor:
     """Same levels as :func:`assign_levels`, one Triton program per row.
 
-    topk rows are not sorted: each level boundary's rank is found by a bisection over the
-    scores (``select=False``: by sorting, as thresholdbound rows are). Cumulative sums are
+    ``select``: topk rows are not sorted, each rank where the level changes is found by a
+    bisection over the scores; by default when there are at most :data:`SELECT_CUTS` such
+    ranks (binary keep/skip presets), otherwise the rows are sorted as thresholdbound rows are. Cumulative sums are
     taken in another order than torch's, so a thresholdbound block whose preceding mass lies
     within rounding of a range boundary may land on the other side."""
     nkb = scores.shape[-1]
     scores = scores.contiguous()
     out = torch.empty(scores.shape, dtype=torch.int8, device=scores.device)
     threshold = cfg.mask_mode == "thresholdbound"
+    cuts, table = _topk_table(nkb, cfg, scores.device) if not threshold else (None, None)
+    if select is None:  # each cut costs 32 counting passes over the row: a sort wins past two
+        select = not threshold and cuts.numel() <= SELECT_CUTS
     if select and not threshold:
-        cuts, table = _topk_table(nkb, cfg, scores.device)
         nkb_pow2 = triton.next_power_of_2(nkb)
         _topk_levels_kernel[(scores.numel() // nkb,)](
-            scores, cuts, table, out, nkb, NCUT=cuts.numel(), C=triton.next_power_of_2(max(1, cuts.numel())),
-            NKB=nkb_pow2, num_warps=num_warps or (4 if nkb_pow2 <= 1024 else 8))
+            scores, cuts, table, out, nkb, NCUT=cuts.numel(), CP=triton.next_power_of_2(max(1, cuts.numel())),
+            NKB=nkb_pow2, num_warps=num_warps or (1 if nkb_pow2 <= 1024 else 4))
         _text_full(out, text_q_blocks, text_k_blocks)
         return out
     bounds = []

@@ -64,10 +64,10 @@ def variants():
         yield (f"levels threshold={threshold} nkb={nkb}", levels._assign_levels_kernel,
                {"Scores": "fp32", "Order": "i64", "Out": "i8"}, bounds,
                dict(THRESHOLD=threshold, NKB=nkb, PRESORTED=presorted), {})
-    for nkb, ncut, warps in ((1024, 4, 4), (4096, 8, 8)):
+    for nkb, ncut, warps in ((1024, 4, 4), (4096, 8, 4)):
         yield (f"topk levels nkb={nkb} cuts={ncut}", levels._topk_levels_kernel,
                {"Scores": "fp32", "Cuts": "i64", "Table": "i64", "Out": "i8"}, (),
-               dict(NCUT=ncut, C=ncut, NKB=nkb), {"num_warps": warps})
+               dict(NCUT=ncut, CP=ncut, NKB=nkb), {"num_warps": warps})
     for with_sim, with_pyramid, level1 in ((False, True, True), (True, True, True), (True, False, True),
                                            (False, True, False)):
         yield (f"pyramid build sim={with_sim} pyramid={with_pyramid} level1={level1}", pyramid._pyramid_build_kernel,

@@ -480,10 +480,11 @@ def test_topk_levels_by_selection_match_the_sorted_ranking(ratios, nkb, device):
     scores[0, 1, 1] = -torch.rand(nkb, generator=gen)    # all negative
     cfg = _cfg(ratios, "topk")
     want = assign_levels(scores, cfg)
-    got = assign_levels_triton(scores.to(device), cfg).cpu()
+    got = assign_levels_triton(scores.to(device), cfg, select=True).cpu()
     assert got.dtype == torch.int8
     assert torch.equal(got, want)
     assert torch.equal(assign_levels_triton(scores.to(device), cfg, select=False).cpu(), want)
+    assert torch.equal(assign_levels_triton(scores.to(device), cfg).cpu(), want)
     assert (want != 0).any(dim=-1).all()  # no row is left empty
 
 
