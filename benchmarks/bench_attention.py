@@ -70,12 +70,9 @@ def main():
                     help="sampled queries per query block of the estimate (library default %(default)s)")
     ap.add_argument("--key-stride", type=int, default=estimate.KEY_STRIDE,
                     help="one sampled key in this many for the estimate (library default %(default)s)")
-    ap.add_argument("--level1-from-input", action="store_true",
-                    help="the pyramid keeps the pooled levels only; the kernel reads level 1 from k and v")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "out"), "bench_attention.json"))
     args = ap.parse_args()
     estimate.SAMPLE_Q, estimate.KEY_STRIDE = args.sample_q, args.key_stride
-    pyramid.LEVEL1_FROM_INPUT = args.level1_from_input
     dev = "cuda"
     grid = tuple(args.grid)
     t0 = time.time()
@@ -83,7 +80,6 @@ def main():
     B, H, L, D = q.shape
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  shape B={B} H={H} L={L} D={D}  "
           f"estimate samples {args.sample_q} q/block, 1 key in {args.key_stride}  "
-          f"level 1 {'from k, v' if args.level1_from_input else 'in the pyramid'}  "
           f"inputs {time.time() - t0:.1f}s", flush=True)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     sdpa = torch.nn.functional.scaled_dot_product_attention

@@ -30,23 +30,13 @@ BUILD_WARPS = 1
 
 @dataclass
 class Pyramid:
-    """Keys and values of all levels in one buffer, rows ``[L1 | L1/2 | L1/4 | L1/8]``; or,
-    with ``level1`` set, of the pooled levels only (rows ``[L1/2 | L1/4 | L1/8]``), level 1
-    being read from the caller's k and v (through ``level1_perm``, the arranged order)."""
+    """Keys and values of all levels in one buffer, rows ``[L1 | L1/2 | L1/4 | L1/8]``."""
     k: torch.Tensor        # [B, H, rows, D]
     v: torch.Tensor        # [B, H, rows, D]
     bias: torch.Tensor     # [rows] float32: ln(real keys per row), -inf for padding
-    base: dict             # level -> first row of that level (level 1 from the input: arranged position)
+    base: dict             # level -> first row of that level
     n: int                 # key block size
     length: int            # real keys (L); rows past it are padding
-    level1: tuple | None = None           # (k, v) [B, H, L, D] of the caller, when level 1 is read there
-    level1_perm: torch.Tensor | None = None
-
-
-# Level 1 read from the caller's k and v through the permutation instead of an arranged copy
-# in the pyramid: the pyramid then takes 0.875 instead of 1.875 x (k + v). Off by default until
-# measured (benchmarks/NOTES.md, "What is left"); bench_attention.py --level1-from-input.
-LEVEL1_FROM_INPUT = False
 
 
 def build_pyramid(k: torch.Tensor, v: torch.Tensor, n: int, L: int) -> Pyramid:
@@ -101,11 +91,10 @@ def _group_end_cosine(xn, valid, P: tl.constexpr, N: tl.constexpr, D: tl.constex
 def _pyramid_build_kernel(K, V, KP, VP, Bias, SimSum, SimCnt, Perm, L, rows1,
                           skb, skh, skl, svb, svh, svl, spb, sph, spl, sim_bh,
                           H: tl.constexpr, D: tl.constexpr, CH: tl.constexpr, WITH_SIM: tl.constexpr,
-                          WITH_PYRAMID: tl.constexpr, HAS_PERM: tl.constexpr, WITH_LEVEL1: tl.constexpr):
+                          WITH_PYRAMID: tl.constexpr, HAS_PERM: tl.constexpr):
     # One program: one chunk of CH rows (a key block or a piece of one) of one (batch, head).
     # Pooling groups (at most 8 rows) never cross a chunk, so chunks are independent.
-    # Without WITH_PYRAMID it only measures the key similarity (nothing but k is read);
-    # without WITH_LEVEL1 the pyramid holds the pooled levels only.
+    # Without WITH_PYRAMID it only measures the key similarity (nothing but k is read).
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -122,17 +111,14 @@ def _pyramid_build_kernel(K, V, KP, VP, Bias, SimSum, SimCnt, Perm, L, rows1,
         v = tl.load(V + b * svb + h * svh + src[:, None] * svl + dd[None, :], mask=valid[:, None], other=0.0)
         kp = KP + b * spb + h * sph
         vp = VP + b * spb + h * sph
-        base2 = 0
-        if WITH_LEVEL1:
-            tl.store(kp + r[:, None] * spl + dd[None, :], k)
-            tl.store(vp + r[:, None] * spl + dd[None, :], v)
-            if bh == 0:
-                tl.store(Bias + r, tl.where(valid, 0.0, float("-inf")))
-            base2 = rows1
+        tl.store(kp + r[:, None] * spl + dd[None, :], k)
+        tl.store(vp + r[:, None] * spl + dd[None, :], v)
         vf = v.to(tl.float32)
-        _store_pooled(kf, vf, valid, kp, vp, Bias, bh == 0, base2, c, spl, 2, CH, D)
-        _store_pooled(kf, vf, valid, kp, vp, Bias, bh == 0, base2 + rows1 // 2, c, spl, 4, CH, D)
-        _store_pooled(kf, vf, valid, kp, vp, Bias, bh == 0, base2 + rows1 // 2 + rows1 // 4, c, spl, 8, CH, D)
+        if bh == 0:
+            tl.store(Bias + r, tl.where(valid, 0.0, float("-inf")))
+        _store_pooled(kf, vf, valid, kp, vp, Bias, bh == 0, rows1, c, spl, 2, CH, D)
+        _store_pooled(kf, vf, valid, kp, vp, Bias, bh == 0, rows1 + rows1 // 2, c, spl, 4, CH, D)
+        _store_pooled(kf, vf, valid, kp, vp, Bias, bh == 0, rows1 + rows1 // 2 + rows1 // 4, c, spl, 8, CH, D)
     if WITH_SIM:
         kn = kf / tl.maximum(tl.sqrt(tl.sum(kf * kf, 1)), 1e-12)[:, None]
         at = bh * sim_bh + c * 3
@@ -164,20 +150,15 @@ def _store_pooled(kf, vf, valid, kp, vp, Bias, write_bias, base, c, spl,
 def build_pyramid_triton(k: torch.Tensor, v: torch.Tensor | None, n: int, L: int,
                          with_similarity: bool = False, perm: torch.Tensor | None = None,
                          chunk: int = BUILD_CHUNK, num_warps: int = BUILD_WARPS,
-                         level1_from_input: bool | None = None,
                          ) -> tuple[Pyramid | None, torch.Tensor | None]:
     """Same pyramid as :func:`build_pyramid` in one pass over k and v; with ``with_similarity``
     also the key similarity of :func:`levels.key_similarity` ([B, H, nkb, 3]). With ``perm``,
     k and v are in the caller's order and are arranged on the way. With ``v`` None only the
-    similarity is measured and no pyramid is allocated. ``level1_from_input`` (default
-    :data:`LEVEL1_FROM_INPUT`): the pyramid keeps the pooled levels only and the attention
-    kernel reads level 1 from k and v themselves."""
+    similarity is measured and no pyramid is allocated."""
     B, H, _, D = k.shape
     nkb = -(-L // n)
     rows1 = nkb * n
-    if level1_from_input is None:
-        level1_from_input = LEVEL1_FROM_INPUT
-    rows = rows1 * (7 if level1_from_input else 15) // 8
+    rows = rows1 * 15 // 8
     chunk = min(n, chunk)  # rows per program: small enough to keep the pooled tiles in registers
     nchunks = rows1 // chunk
     with_pyramid = v is not None
@@ -197,19 +178,14 @@ def build_pyramid_triton(k: torch.Tensor, v: torch.Tensor | None, n: int, L: int
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         kp.stride(0), kp.stride(1), kp.stride(2), nchunks * 3,
         H=H, D=D, CH=chunk, WITH_SIM=with_similarity, WITH_PYRAMID=with_pyramid, HAS_PERM=perm is not None,
-        WITH_LEVEL1=not level1_from_input, num_warps=num_warps)
-    base2 = 0 if level1_from_input else rows1
-    base = {1: 0, 2: base2, 4: base2 + rows1 // 2, 8: base2 + rows1 // 2 + rows1 // 4}
+        num_warps=num_warps)
+    base = {1: 0, 2: rows1, 4: rows1 + rows1 // 2, 8: rows1 + rows1 // 2 + rows1 // 4}
     sim = None
     if with_similarity:
         per_block = n // chunk
         sim = (sim_sum.view(B, H, nkb, per_block, 3).sum(3)
                / sim_cnt.view(B, H, nkb, per_block, 3).sum(3).clamp_min(1.0))
-    if not with_pyramid:
-        return None, sim
-    if level1_from_input:
-        return Pyramid(kp, vp, bias, base, n, L, level1=(k, v), level1_perm=perm), sim
-    return Pyramid(kp, vp, bias, base, n, L), sim
+    return (Pyramid(kp, vp, bias, base, n, L) if with_pyramid else None), sim
 
 
 def attention_reference(q: torch.Tensor, pyr: Pyramid, levels: torch.Tensor, m: int,
@@ -360,14 +336,11 @@ def _schedule_shape(nkb: int, n: int, packed: bool, tn: int):
     return per_tile, split, max_t, sum(groups[p] * per_tile[p] for p in LEVEL_ORDER), sum(max_t.values())
 
 
-def attention_bytes_per_head(B: int, L: int, D: int, element_size: int, m: int, n: int, packed: bool,
-                             level1_from_input: bool | None = None) -> int:
+def attention_bytes_per_head(B: int, L: int, D: int, element_size: int, m: int, n: int, packed: bool) -> int:
     """Device memory the pyramid and the tile schedule of one head take (B batch entries)."""
     nkb, nqb = -(-L // n), -(-L // m)
     _, _, _, max_segs, max_tiles = _schedule_shape(nkb, n, packed, tile_width(n))
-    if level1_from_input is None:
-        level1_from_input = LEVEL1_FROM_INPUT
-    pyramid_rows = nkb * n * (7 if level1_from_input else 15) // 8
+    pyramid_rows = nkb * n * 15 // 8
     return B * (2 * pyramid_rows * D * element_size + nqb * (max_segs + 2 * max_tiles + len(COUNT_FIELDS)) * 4)
 
 
@@ -405,70 +378,46 @@ def build_schedule(levels: torch.Tensor, pyr: Pyramid, packed: bool, tile_n: int
 
 # ------------------------------------------------------------------------- kernel
 @triton.jit
-def _regular_tile(kbase, vbase, seg_row, seg_first, t, r, skl, svl, dd, Perm, SEG_LEN: tl.constexpr,
-                  TILE_N: tl.constexpr, PER_TILE: tl.constexpr, GATHER: tl.constexpr):
+def _regular_tile(kbase, vbase, seg_row, seg_first, t, r, skl, svl, dd, SEG_LEN: tl.constexpr,
+                  TILE_N: tl.constexpr, PER_TILE: tl.constexpr):
     """Keys and values of the t-th regular tile of a level: TILE_N real pyramid rows in
     segments of SEG_LEN rows whose first rows are seg_row[seg_first + ...]. seg_first comes
     from the schedule record, so the address of every row depends on one load only (no
-    tile-list loads in the loop). GATHER: the rows are arranged positions of level 1, read
-    from the caller's k and v at Perm[row]."""
+    tile-list loads in the loop)."""
     if SEG_LEN >= TILE_N:  # a contiguous, aligned run of rows of one key block
         SPLIT: tl.constexpr = SEG_LEN // TILE_N
         start = tl.load(seg_row + seg_first + t // SPLIT) + (t % SPLIT) * TILE_N
         prow = tl.multiple_of(start, TILE_N) + r
     else:
         prow = tl.load(seg_row + seg_first + t * PER_TILE + r // SEG_LEN) + r % SEG_LEN
-    if GATHER:
-        prow = tl.load(Perm + prow)
     k = tl.load(kbase + prow[:, None] * skl + dd[None, :])
     v = tl.load(vbase + prow[:, None] * svl + dd[None, :])
     return k, v
 
 
 @triton.jit
-def _masked_tile(kbase, vbase, Bias, seg_row, first, code, r, skl, svl, dd, k1base, v1base, Perm, sal, scl, L,
-                 N: tl.constexpr, TILE_N: tl.constexpr, PACKED: tl.constexpr, L1_INPUT: tl.constexpr,
-                 HAS_PERM: tl.constexpr):
+def _masked_tile(kbase, vbase, Bias, seg_row, first, code, r, skl, svl, dd,
+                 N: tl.constexpr, TILE_N: tl.constexpr, PACKED: tl.constexpr):
     """Keys, values and per-row bias (log2 units) of a masked tile (segments of N/level rows,
-    empty slots -1; ``code`` holds the level and which sub-tile of a wider block this is).
-    L1_INPUT: level-1 rows are arranged positions, read from the caller's k and v."""
-    lvl = code & 15
-    seg_len = N // lvl
+    empty slots -1; ``code`` holds the level and which sub-tile of a wider block this is)."""
+    seg_len = N // (code & 15)
     slot = r // seg_len
     in_tile = (r < TILE_N) if PACKED else (slot < 1)
     seg = tl.load(seg_row + first + slot, mask=in_tile, other=-1)
     valid = seg >= 0
     prow = tl.where(valid, seg + ((code >> _SUB) * TILE_N + r) % seg_len, 0)
-    if L1_INPUT:
-        from_input = lvl == 1
-        pyr_rows = valid & (lvl != 1)
-        real1 = valid & from_input & (prow < L)  # arranged positions past L are padding
-        src = prow
-        if HAS_PERM:
-            src = tl.load(Perm + prow, mask=real1, other=0)
-        # rows of either source: the pointers chosen per tile (the level is the tile's)
-        kp = tl.where(from_input, k1base + src[:, None] * sal, kbase + prow[:, None] * skl)
-        vp = tl.where(from_input, v1base + src[:, None] * scl, vbase + prow[:, None] * svl)
-        real = (real1 | pyr_rows)[:, None]
-        k = tl.load(kp + dd[None, :], mask=real, other=0.0)
-        v = tl.load(vp + dd[None, :], mask=real, other=0.0)
-        bias = tl.where(from_input, tl.where(real1, 0.0, float("-inf")),
-                        tl.load(Bias + prow, mask=pyr_rows, other=float("-inf")) * 1.4426950408889634)
-    else:
-        k = tl.load(kbase + prow[:, None] * skl + dd[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(vbase + prow[:, None] * svl + dd[None, :], mask=valid[:, None], other=0.0)
-        bias = tl.load(Bias + prow, mask=valid, other=float("-inf")) * 1.4426950408889634
+    k = tl.load(kbase + prow[:, None] * skl + dd[None, :], mask=valid[:, None], other=0.0)
+    v = tl.load(vbase + prow[:, None] * svl + dd[None, :], mask=valid[:, None], other=0.0)
+    bias = tl.load(Bias + prow, mask=valid, other=float("-inf")) * 1.4426950408889634
     return k, v, bias
 
 
 @triton.jit
 def _masked_step(q, kbase, vbase, Bias, code_at, first_at, seg_row, r, skl, svl, dd, scale, m_i, l_i, acc,
-                 k1base, v1base, Perm, sal, scl, L,
-                 N: tl.constexpr, TILE_N: tl.constexpr, PACKED: tl.constexpr, L1_INPUT: tl.constexpr,
-                 HAS_PERM: tl.constexpr):
+                 N: tl.constexpr, TILE_N: tl.constexpr, PACKED: tl.constexpr):
     """One masked tile: its keys and values, the per-row bias, the softmax step."""
     k, v, bias = _masked_tile(kbase, vbase, Bias, seg_row, tl.load(first_at), tl.load(code_at), r, skl, svl, dd,
-                              k1base, v1base, Perm, sal, scl, L, N, TILE_N, PACKED, L1_INPUT, HAS_PERM)
+                              N, TILE_N, PACKED)
     # logits formed once: a vector bias would otherwise be added twice per score
     s = tl.dot(q, tl.trans(k)) * scale + bias[None, :]
     return _attend_tile(s, v, 1.0, 0.0, m_i, l_i, acc)
@@ -489,41 +438,35 @@ def _attend_tile(s, v, scale, bias, m_i, l_i, acc):
 @triton.jit
 def _regular_loop(q, kbase, vbase, seg_row, seg_first, ntiles, r, skl, svl, dd, scale, m_i, l_i, acc,
                   P: tl.constexpr, N: tl.constexpr, TILE_N: tl.constexpr, PACKED: tl.constexpr,
-                  LOOP_STAGES: tl.constexpr, Perm, GATHER: tl.constexpr):
+                  LOOP_STAGES: tl.constexpr):
     """The regular tiles of level P: every column stands for P real keys (bias log2 P)."""
     SEG_LEN: tl.constexpr = N // P
     PER_TILE: tl.constexpr = TILE_N // SEG_LEN if PACKED else 1
     BIAS: tl.constexpr = 0.0 if P == 1 else (1.0 if P == 2 else (2.0 if P == 4 else 3.0))
     if LOOP_STAGES > 0:  # the loop's own pipelining also prefetches the segment starts
         for t in tl.range(0, ntiles, num_stages=LOOP_STAGES):
-            k, v = _regular_tile(kbase, vbase, seg_row, seg_first, t, r, skl, svl, dd, Perm,
-                                 SEG_LEN, TILE_N, PER_TILE, GATHER)
+            k, v = _regular_tile(kbase, vbase, seg_row, seg_first, t, r, skl, svl, dd, SEG_LEN, TILE_N, PER_TILE)
             s = tl.dot(q, tl.trans(k))
             m_i, l_i, acc = _attend_tile(s, v, scale, BIAS, m_i, l_i, acc)
     else:
         for t in range(0, ntiles):
-            k, v = _regular_tile(kbase, vbase, seg_row, seg_first, t, r, skl, svl, dd, Perm,
-                                 SEG_LEN, TILE_N, PER_TILE, GATHER)
+            k, v = _regular_tile(kbase, vbase, seg_row, seg_first, t, r, skl, svl, dd, SEG_LEN, TILE_N, PER_TILE)
             s = tl.dot(q, tl.trans(k))
             m_i, l_i, acc = _attend_tile(s, v, scale, BIAS, m_i, l_i, acc)
     return m_i, l_i, acc
 
 
 @triton.jit
-def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, Counts, Segs, Perm, K1, V1,
+def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, Counts, Segs, Perm,
                          L, sm_scale_log2,
                          sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
-                         sab, sah, sal, scb, sch, scl,
                          s_tl, s_seg,
                          H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                          N: tl.constexpr, TILE_N: tl.constexpr, PACKED: tl.constexpr,
-                         HAS_PERM: tl.constexpr, LOOP_STAGES: tl.constexpr,
-                         L1_INPUT: tl.constexpr):
+                         HAS_PERM: tl.constexpr, LOOP_STAGES: tl.constexpr):
     # Branch-free loops, so that loads pipeline: the regular tiles of each level in a loop of
     # their own (segment length and bias known at compile time), then the masked tiles
     # (empty slots or the partial last block: masked loads and the per-row ln(count) bias).
-    # L1_INPUT: level 1 is read from the caller's k and v (K1, V1; strides sa*, sc*) at the
-    # arranged positions' source rows, the pyramid holds the pooled levels only.
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -548,27 +491,20 @@ def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, Counts, Segs,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     scale = sm_scale_log2
-    k1base = K1 + b * sab + h * sah
-    v1base = V1 + b * scb + h * sch
-    if L1_INPUT:
-        m_i, l_i, acc = _regular_loop(q, k1base, v1base, seg_row, 0, tl.load(rec + 0), r, sal, scl, dd, scale,
-                                      m_i, l_i, acc, 1, N, TILE_N, PACKED, LOOP_STAGES, Perm, HAS_PERM)
-    else:
-        m_i, l_i, acc = _regular_loop(q, kbase, vbase, seg_row, 0, tl.load(rec + 0), r, skl, svl, dd, scale,
-                                      m_i, l_i, acc, 1, N, TILE_N, PACKED, LOOP_STAGES, Perm, False)
+    m_i, l_i, acc = _regular_loop(q, kbase, vbase, seg_row, 0, tl.load(rec + 0), r, skl, svl, dd, scale,
+                                  m_i, l_i, acc, 1, N, TILE_N, PACKED, LOOP_STAGES)
     m_i, l_i, acc = _regular_loop(q, kbase, vbase, seg_row, tl.load(rec + 5), tl.load(rec + 1), r, skl, svl, dd,
-                                  scale, m_i, l_i, acc, 2, N, TILE_N, PACKED, LOOP_STAGES, Perm, False)
+                                  scale, m_i, l_i, acc, 2, N, TILE_N, PACKED, LOOP_STAGES)
     m_i, l_i, acc = _regular_loop(q, kbase, vbase, seg_row, tl.load(rec + 6), tl.load(rec + 2), r, skl, svl, dd,
-                                  scale, m_i, l_i, acc, 4, N, TILE_N, PACKED, LOOP_STAGES, Perm, False)
+                                  scale, m_i, l_i, acc, 4, N, TILE_N, PACKED, LOOP_STAGES)
     m_i, l_i, acc = _regular_loop(q, kbase, vbase, seg_row, tl.load(rec + 7), tl.load(rec + 3), r, skl, svl, dd,
-                                  scale, m_i, l_i, acc, 8, N, TILE_N, PACKED, LOOP_STAGES, Perm, False)
+                                  scale, m_i, l_i, acc, 8, N, TILE_N, PACKED, LOOP_STAGES)
     # masked tiles: empty slots or the partial last block, masked loads and the per-row
     # ln(count) bias (pipelined by the kernel-wide num_stages; the loop's own pipelining moved
     # the time by -3% to +7% by preset, benchmarks/NOTES.md change 18)
     for t in range(s_tl - tl.load(rec + 4), s_tl):
         m_i, l_i, acc = _masked_step(q, kbase, vbase, Bias, TileLevel + tiles + t, TileSeg + tiles + t, seg_row,
-                                     r, skl, svl, dd, scale, m_i, l_i, acc, k1base, v1base, Perm, sal, scl, L,
-                                     N, TILE_N, PACKED, L1_INPUT, HAS_PERM)
+                                     r, skl, svl, dd, scale, m_i, l_i, acc, N, TILE_N, PACKED)
     acc = acc / l_i[:, None]
     tl.store(Out + b * sob + h * soh + src[:, None] * sol + dd[None, :], acc.to(Out.dtype.element_ty),
              mask=qmask[:, None])
@@ -623,25 +559,17 @@ def attention_triton(q: torch.Tensor, pyr: Pyramid, sched: Schedule, m: int,
     nqb = sched.counts.shape[2]
     if out is None:
         out = torch.empty_like(q)
-    if pyr.level1 is not None:
-        if pyr.level1_perm is not perm:
-            raise ValueError("a pyramid that reads level 1 from k and v needs the permutation it was built with")
-        k1, v1 = pyr.level1
-    else:
-        k1, v1 = pyr.k, pyr.v  # not read
     major = torch.cuda.get_device_capability(q.device)[0] if q.is_cuda else 9
     cfg = kernel_launch_config(m, sched.tile_n, sched.packed, D, major)
     sm_scale_log2 = LOG2E / math.sqrt(D)
     _pyramid_attn_kernel[(nqb, B * H)](
         q, pyr.k, pyr.v, pyr.bias, out, sched.tile_level, sched.tile_seg, sched.counts,
-        sched.segs, perm if perm is not None else sched.counts, k1, v1, L, sm_scale_log2,
+        sched.segs, perm if perm is not None else sched.counts, L, sm_scale_log2,
         q.stride(0), q.stride(1), q.stride(2), pyr.k.stride(0), pyr.k.stride(1), pyr.k.stride(2),
         pyr.v.stride(0), pyr.v.stride(1), pyr.v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        k1.stride(0), k1.stride(1), k1.stride(2), v1.stride(0), v1.stride(1), v1.stride(2),
         sched.tile_level.stride(2), sched.segs.stride(2),
         H=H, D=D, BLOCK_M=m, N=pyr.n, TILE_N=sched.tile_n, PACKED=sched.packed, HAS_PERM=perm is not None,
         LOOP_STAGES=cfg.loop_stages if loop_stages is None else loop_stages,
-        L1_INPUT=pyr.level1 is not None,
         num_warps=num_warps or cfg.num_warps, num_stages=num_stages or cfg.num_stages,
         **({"maxnreg": mr} if (mr := _register_cap(cfg, num_warps, maxnreg)) else {}))
     return out

@@ -68,13 +68,12 @@ def variants():
         yield (f"topk levels nkb={nkb} cuts={ncut}", levels._topk_levels_kernel,
                {"Scores": "fp32", "Cuts": "i64", "Table": "i64", "Out": "i8"}, (),
                dict(NCUT=ncut, CP=ncut, NKB=nkb), {"num_warps": warps})
-    for with_sim, with_pyramid, level1 in ((False, True, True), (True, True, True), (True, False, True),
-                                           (False, True, False)):
-        yield (f"pyramid build sim={with_sim} pyramid={with_pyramid} level1={level1}", pyramid._pyramid_build_kernel,
+    for with_sim, with_pyramid in ((False, True), (True, True), (True, False)):
+        yield (f"pyramid build sim={with_sim} pyramid={with_pyramid}", pyramid._pyramid_build_kernel,
                {"K": "bf16", "V": "bf16", "KP": "bf16", "VP": "bf16", "Bias": "fp32",
                 "SimSum": "fp32", "SimCnt": "fp32", "Perm": "i64"}, (),
                dict(H=12, D=128, CH=pyramid.BUILD_CHUNK, WITH_SIM=with_sim, WITH_PYRAMID=with_pyramid,
-                    HAS_PERM=True, WITH_LEVEL1=level1),
+                    HAS_PERM=True),
                {"num_warps": pyramid.BUILD_WARPS})
     for n, nkb in ((32, 1024), (128, 256)):  # packed levels; level-1 blocks split over two tiles
         pt = {p: pyramid.level_split(n, p, 64, True)[0] for p in (1, 2, 4, 8)}
@@ -84,21 +83,18 @@ def variants():
                {"Levels": "i8", "Segs": "i32", "TileLevel": "i32", "TileSeg": "i32", "Counts": "i32"}, (),
                dict(N=n, NKB=nkb, **{f"PT{p}": pt[p] for p in pt}, **{f"SP{p}": sp[p] for p in sp},
                     **{f"MT{p}": mt[p] for p in mt}, AM1=False, AM2=False, AM4=False, AM8=False), {})
-    for m, n, packed, d, l1_input in ((128, 128, True, 128, False), (128, 64, True, 128, False),
-                                      (128, 32, True, 128, False), (128, 128, False, 128, False),
-                                      (64, 64, True, 64, False), (128, 64, True, 256, False),
-                                      (128, 32, True, 128, True), (128, 128, False, 128, True)):
+    for m, n, packed, d in ((128, 128, True, 128), (128, 64, True, 128), (128, 32, True, 128),
+                            (128, 128, False, 128), (64, 64, True, 64), (128, 64, True, 256)):
         tile_n = pyramid.tile_width(n)
         launch = kernel_launch_config(m, tile_n, packed, d)
         options = {"num_warps": launch.num_warps, "num_stages": launch.num_stages}
         if launch.maxnreg:
             options["maxnreg"] = launch.maxnreg
-        yield (f"attention m{m} n{n} packed={packed} d{d} level1_from_input={l1_input}", pyramid._pyramid_attn_kernel,
+        yield (f"attention m{m} n{n} packed={packed} d{d}", pyramid._pyramid_attn_kernel,
                {"Q": "bf16", "KP": "bf16", "VP": "bf16", "Bias": "fp32", "Out": "bf16", "TileLevel": "i32",
-                "TileSeg": "i32", "Counts": "i32", "Segs": "i32", "Perm": "i64", "K1": "bf16", "V1": "bf16"},
-               ("sm_scale_log2",),
+                "TileSeg": "i32", "Counts": "i32", "Segs": "i32", "Perm": "i64"}, ("sm_scale_log2",),
                dict(H=12, D=d, BLOCK_M=m, N=n, TILE_N=tile_n, PACKED=packed, HAS_PERM=True,
-                    LOOP_STAGES=launch.loop_stages, L1_INPUT=l1_input),
+                    LOOP_STAGES=launch.loop_stages),
                options)
 
 

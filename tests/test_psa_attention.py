@@ -145,10 +145,9 @@ def test_kernel_with_other_tile_widths(n, tile_n, device):
     q, k, v = structured_qkv((1, 1, L), heads=2, head_dim=32, seed=n + tile_n, device=device)
     levels = _random_levels(1, 2, -(-L // m), -(-L // n), seed=tile_n).to(device)
     expected = _pyramid_by_hand(q, k, v, levels, m, n)
-    for level1_from_input in (False, True):  # level 1 in the pyramid, or read from k and v
-        pyr, _ = pyramid.build_pyramid_triton(k, v, n, L, level1_from_input=level1_from_input)
-        for packed in (True, False):
-            _close(_kernel(q, pyr, levels, m, packed, tile_n=tile_n), expected, **KERNEL_TOL)
+    pyr, _ = pyramid.build_pyramid_triton(k, v, n, L)
+    for packed in (True, False):
+        _close(_kernel(q, pyr, levels, m, packed, tile_n=tile_n), expected, **KERNEL_TOL)
 
 
 def test_level_split_and_launch_config():
@@ -230,21 +229,12 @@ def test_kernels_read_the_caller_order_through_perm(n, m, L, device):
     arranged = _pyramid_by_hand(qa, ka, va, levels, m, n)
     expected = torch.empty_like(arranged)
     expected[:, :, perm.cpu()] = arranged
-    # the pooled-only pyramid, level 1 read from k and v through perm: same pooled rows
-    lean, _ = pyramid.build_pyramid_triton(k, v, n, L, perm=perm, level1_from_input=True)
-    pooled = slice(ref_pyr.base[2], None)
-    assert lean.k.shape[2] == ref_pyr.k.shape[2] - ref_pyr.base[2]
-    torch.testing.assert_close(lean.k, pyr.k[:, :, pooled], atol=0, rtol=0)
-    torch.testing.assert_close(lean.bias, pyr.bias[pooled], atol=0, rtol=0)
     for packed in (True, False):
-        for p in (pyr, lean):
-            out = torch.full_like(q, float("nan"))
-            sched = pyramid.build_schedule(levels, p, packed=packed)
-            pyramid.attention_triton(q, p, sched, m, out=out, perm=perm)
-            assert not torch.isnan(out).any(), "kernel left rows unwritten"
-            _close(out, expected, **KERNEL_TOL)
-    with pytest.raises(ValueError, match="permutation it was built with"):
-        pyramid.attention_triton(q, lean, pyramid.build_schedule(levels, lean, packed=True), m)
+        out = torch.full_like(q, float("nan"))
+        sched = pyramid.build_schedule(levels, pyr, packed=packed)
+        pyramid.attention_triton(q, pyr, sched, m, out=out, perm=perm)
+        assert not torch.isnan(out).any(), "kernel left rows unwritten"
+        _close(out, expected, **KERNEL_TOL)
 
 
 def _decode_schedule(sched, pyr, nkb, L):
@@ -372,14 +362,11 @@ def test_dense_preset_returns_sdpa_exactly(device):
 
 # ----------------------------------------------------------------------------- end to end
 
-@pytest.mark.parametrize("level1_from_input", [False, True])
 @pytest.mark.parametrize("n,packed", [(16, True), (32, True), (64, False)])
-def test_memory_per_head_is_what_the_pyramid_and_schedule_take(n, packed, level1_from_input, device, monkeypatch):
-    monkeypatch.setattr(pyramid, "LEVEL1_FROM_INPUT", level1_from_input)
+def test_memory_per_head_is_what_the_pyramid_and_schedule_take(n, packed, device):
     B, H, L, D, m = 2, 1, 301, 32, 32
     k = torch.randn(B, H, L, D, device=device)
     pyr, _ = pyramid.build_pyramid_triton(k, k, n, L)
-    assert (pyr.level1 is not None) is level1_from_input
     levels = _random_levels(B, H, -(-L // m), -(-L // n), seed=n).to(device)
     sched = pyramid.build_schedule(levels, pyr, packed=packed)
     taken = sum(t.numel() * t.element_size() for t in (pyr.k, pyr.v, sched.segs, sched.tile_level,
@@ -497,19 +484,6 @@ def _api_case(seed, grid, text_len, text_first, D, mode, sim, impl, mn, device):
     cfg = _cfg(TOPK if mode == "topk" else THRESHOLD, mode, m=mn[0], n=mn[1],
                use_sim_mask=sim, attn_impl=impl)
     return q, k, v, cfg
-
-
-@pytest.mark.parametrize("case", [2, 3, 12])
-def test_level1_read_from_the_input_gives_the_same_output(case, device, monkeypatch):
-    q, k, v, cfg = _api_case(*API_CASES[case], device)
-    grid, text_len, text_first = API_CASES[case][1:4]
-    want = psa_attention(q, k, v, cfg, grid, text_len, text_first, backend="triton")
-    monkeypatch.setattr(pyramid, "LEVEL1_FROM_INPUT", True)
-    got = psa_attention(q, k, v, cfg, grid, text_len, text_first, backend="triton")
-    # the same tiles in the same order: only where level-1 rows come from differs
-    torch.testing.assert_close(got, want, atol=0, rtol=0)
-    parts = psa_attention(q, k, v, cfg, grid, text_len, text_first, backend="triton", heads_per_pass=1)
-    torch.testing.assert_close(parts, want, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("seed,grid,text_len,text_first,D,mode,sim,impl,mn", API_CASES)
