@@ -20,8 +20,13 @@ MIN_FULL_SHARE = 0.06
 PRESORT_ABOVE = 1024
 # topk rows whose rank table changes level at most this many times are ranked by bisection
 # instead of a sort (H100 probe, benchmarks/NOTES.md change 21: one cut 0.02-0.03 ms against a
-# 0.05-0.14 ms sort at 480p, 0.09-0.35 against 0.37-0.98 ms at 720p; four cuts lose at 720p).
+# 0.05-0.14 ms sort at 480p, 0.09-0.35 against 0.37-0.98 ms at 720p; four cuts lose at 720p) ...
 SELECT_CUTS = 2
+# ... and rows with more, whose last change comes within this share of the row, find the other
+# changes among the blocks before it (change 24: psa_topk 480p 0.14 -> 0.064 ms, 720p 0.98 ->
+# 0.92 ms; n = 128 rows at 720p 0.37 -> 0.17 ms).
+COMPACT_SHARE = 0.5
+RANKINGS = ("sort", "bisect", "compact")
 
 
 def _ranked_levels_topk(nkb: int, cfg: PSAConfig, device) -> torch.Tensor:
@@ -128,44 +133,66 @@ def _assign_levels_kernel(Scores, Order, Out, nkb, keep, r1lo, r1hi, r2lo, r2hi,
 
 
 @triton.jit
-def _topk_levels_kernel(Scores, Cuts, Table, Out, nkb, NCUT: tl.constexpr, CP: tl.constexpr, NKB: tl.constexpr):
+def _ranks_before(key, valid, cut):
+    """Which valid keys rank before ``cut`` (>= 1) in a stable descending order: a bisection
+    (32 counting passes) finds the cut-th largest key; keys above it rank before the cut, and
+    of the keys equal to it those at the lowest positions do."""
+    lo = -2147483648 + tl.zeros([], tl.int64)  # invariant: at least `cut` keys >= lo
+    hi = 2147483647 + tl.zeros([], tl.int64)
+    for _ in range(32):
+        mid = (lo + hi + 1) >> 1
+        ok = tl.sum((valid & (key >= mid.to(tl.int32))).to(tl.int32), 0) >= cut
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    kth = lo.to(tl.int32)
+    above = valid & (key > kth)
+    tie = (valid & (key == kth)).to(tl.int32)
+    room = cut - tl.sum(above.to(tl.int32), 0)  # ranks before the cut left to the ties
+    return above | ((tie == 1) & (tl.cumsum(tie, 0) - tie < room))
+
+
+@triton.jit
+def _topk_levels_kernel(Scores, Cuts, Table, Out, Scratch, nkb, NCUT: tl.constexpr, NKB: tl.constexpr,
+                        CAND: tl.constexpr):
     # One program: one (batch, head, query block) row, without sorting it. A topk level
     # depends only on the block's rank, and the rank table changes level at NCUT ranks
-    # (Cuts). For each cut c, a bisection over the scores' order-preserving integer keys
-    # finds the c-th largest key (32 counting steps, the cuts' counts side by side); blocks
-    # above it rank before c, and of the blocks equal to it the lowest indices do (a stable
-    # descending sort's order). A block's level is Table[number of cuts it does not rank before].
+    # (Cuts, ascending). A block's level is Table[number of cuts it does not rank before].
+    # CAND == 0: every cut is found over the whole row. Otherwise the last cut is, the blocks
+    # ranked before it (CAND or fewer, in index order) are packed into this row's Scratch,
+    # and the other cuts are found among those only; the rest take the last level.
     row = tl.program_id(0)
     idx = tl.arange(0, NKB)
     valid = idx < nkb
     key = _ordered_key32(tl.load(Scores + row * nkb + idx, mask=valid, other=0.0))
-    ci = tl.arange(0, CP)
-    cuts = tl.load(Cuts + ci, mask=ci < NCUT, other=0).to(tl.int32)
-    lo = tl.full([CP], -2147483648, tl.int64)  # invariant: at least `cut` keys >= lo
-    hi = tl.full([CP], 2147483647, tl.int64)
-    for _ in range(32):
-        mid = (lo + hi + 1) >> 1
-        count = tl.zeros([CP], tl.int32)
-        for j in tl.static_range(NCUT):  # independent counts: their reductions interleave
-            mid_j = tl.sum(tl.where(ci == j, mid, 0), 0).to(tl.int32)
-            count = tl.where(ci == j, tl.sum((valid & (key >= mid_j)).to(tl.int32), 0), count)
-        ok = count >= cuts
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid - 1)
-    interval = tl.zeros([NKB], tl.int32)
-    for j in tl.static_range(NCUT):
-        cut = tl.sum(tl.where(ci == j, cuts, 0), 0)
-        kth = tl.sum(tl.where(ci == j, lo, 0), 0).to(tl.int32)
-        above = valid & (key > kth)
-        tie = (valid & (key == kth)).to(tl.int32)
-        room = cut - tl.sum(above.to(tl.int32), 0)  # ranks before the cut left to the ties
-        before = above | ((tie == 1) & (tl.cumsum(tie, 0) - tie < room))
-        interval += (~before).to(tl.int32)
-    lv = tl.load(Table + interval, mask=valid, other=0)
-    tl.store(Out + row * nkb + idx, lv.to(tl.int8), mask=valid)
+    if CAND == 0:
+        interval = tl.zeros([NKB], tl.int32)
+        for j in tl.static_range(NCUT):
+            interval += (~_ranks_before(key, valid, tl.load(Cuts + j).to(tl.int32))).to(tl.int32)
+        lv = tl.load(Table + interval, mask=valid, other=0)
+        tl.store(Out + row * nkb + idx, lv.to(tl.int8), mask=valid)
+    else:
+        last = tl.load(Cuts + NCUT - 1).to(tl.int32)
+        kept = _ranks_before(key, valid, last)
+        rest = tl.zeros([NKB], tl.int8) + tl.load(Table + NCUT).to(tl.int8)
+        tl.store(Out + row * nkb + idx, rest, mask=valid & ~kept)
+        scratch = Scratch + row.to(tl.int64) * CAND
+        slot = tl.cumsum(kept.to(tl.int32), 0) - 1  # keeps the index order, so ties still resolve by index
+        tl.store(scratch + slot, (key.to(tl.int64) << 32) | idx.to(tl.int64), mask=kept)
+        tl.debug_barrier()  # the packed row, written by every thread, is read by every thread
+        c = tl.arange(0, CAND)
+        cvalid = c < last
+        packed = tl.load(scratch + c, mask=cvalid, other=0)
+        ckey = (packed >> 32).to(tl.int32)
+        cidx = (packed & 0xFFFFFFFF).to(tl.int32)
+        interval = tl.zeros([CAND], tl.int32)
+        for j in tl.static_range(NCUT - 1):
+            interval += (~_ranks_before(ckey, cvalid, tl.load(Cuts + j).to(tl.int32))).to(tl.int32)
+        lv = tl.load(Table + interval, mask=cvalid, other=0)
+        tl.store(Out + row * nkb + cidx, lv.to(tl.int8), mask=cvalid)
 
 
 _TOPK_TABLES: dict = {}
+_TOPK_LAST: dict = {}  # (nkb, ranges) -> the last rank where the level changes (host side)
 
 
 def _topk_table(nkb: int, cfg: PSAConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,6 +207,7 @@ def _topk_table(nkb: int, cfg: PSAConfig, device) -> tuple[torch.Tensor, torch.T
         change = (by_rank[1:] != by_rank[:-1]).nonzero().flatten() + 1
         table = torch.cat([by_rank[:1], by_rank[change]]).long()
         hit = _TOPK_TABLES[key] = (change.long().to(device), table.to(device))
+        _TOPK_LAST[key[:2]] = int(change[-1]) if change.numel() else 0
     return hit
 
 
@@ -187,28 +215,39 @@ def assign_levels_triton(scores: torch.Tensor, cfg: PSAConfig,
                          text_q_blocks: torch.Tensor | None = None,
                          text_k_blocks: torch.Tensor | None = None,
                          num_warps: int | None = None, presort_above: int | None = None,
-                         select: bool | None = None) -> torch.Tensor:
+                         rank: str | None = None) -> torch.Tensor:
     """Same levels as :func:`assign_levels`, one Triton program per row.
 
-    ``select``: topk rows are not sorted, each rank where the level changes is found by a
-    bisection over the scores; by default when there are at most :data:`SELECT_CUTS` such
-    ranks (binary keep/skip presets), otherwise the rows are sorted as thresholdbound rows are. Cumulative sums are
+    ``rank``, how topk rows are ranked (:data:`RANKINGS`; thresholdbound rows are always
+    sorted): "bisect" finds each rank where the level changes by a bisection over the row,
+    "compact" finds the last one so and the others among the blocks kept, "sort" sorts the
+    row; by default "bisect" for at most :data:`SELECT_CUTS` such ranks, "compact" when the
+    last keeps at most :data:`COMPACT_SHARE` of the row, else "sort". Cumulative sums are
     taken in another order than torch's, so a thresholdbound block whose preceding mass lies
     within rounding of a range boundary may land on the other side."""
+    if rank is not None and rank not in RANKINGS:
+        raise ValueError(f"rank {rank!r}; allowed: {', '.join(RANKINGS)}")
     nkb = scores.shape[-1]
     scores = scores.contiguous()
     out = torch.empty(scores.shape, dtype=torch.int8, device=scores.device)
     threshold = cfg.mask_mode == "thresholdbound"
-    cuts, table = _topk_table(nkb, cfg, scores.device) if not threshold else (None, None)
-    if select is None:  # each cut costs 32 counting passes over the row: a sort wins past two
-        select = not threshold and cuts.numel() <= SELECT_CUTS
-    if select and not threshold:
-        nkb_pow2 = triton.next_power_of_2(nkb)
-        _topk_levels_kernel[(scores.numel() // nkb,)](
-            scores, cuts, table, out, nkb, NCUT=cuts.numel(), CP=triton.next_power_of_2(max(1, cuts.numel())),
-            NKB=nkb_pow2, num_warps=num_warps or (1 if nkb_pow2 <= 1024 else 4))
-        _text_full(out, text_q_blocks, text_k_blocks)
-        return out
+    if not threshold:
+        cuts, table = _topk_table(nkb, cfg, scores.device)
+        ncut = cuts.numel()
+        last = int(_TOPK_LAST[(nkb, tuple(cfg.level_ranges()))]) if ncut else 0
+        if rank is None:
+            rank = ("bisect" if ncut <= SELECT_CUTS else
+                    "compact" if last <= COMPACT_SHARE * nkb else "sort")
+        if rank != "sort":
+            nkb_pow2 = triton.next_power_of_2(nkb)
+            cand = triton.next_power_of_2(last) if rank == "compact" and ncut else 0
+            rows = scores.numel() // nkb
+            scratch = torch.empty(rows * cand if cand else 1, dtype=torch.int64, device=scores.device)
+            _topk_levels_kernel[(rows,)](
+                scores, cuts, table, out, scratch, nkb, NCUT=ncut, NKB=nkb_pow2, CAND=cand,
+                num_warps=num_warps or (1 if nkb_pow2 <= 2048 else 2))
+            _text_full(out, text_q_blocks, text_k_blocks)
+            return out
     bounds = []
     for lvl in (1, 2, 4, 8):
         if lvl not in cfg.mask_ratios:

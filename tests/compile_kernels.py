@@ -64,10 +64,10 @@ def variants():
         yield (f"levels threshold={threshold} nkb={nkb}", levels._assign_levels_kernel,
                {"Scores": "fp32", "Order": "i64", "Out": "i8"}, bounds,
                dict(THRESHOLD=threshold, NKB=nkb, PRESORTED=presorted), {})
-    for nkb, ncut, warps in ((1024, 4, 4), (4096, 8, 4)):
-        yield (f"topk levels nkb={nkb} cuts={ncut}", levels._topk_levels_kernel,
-               {"Scores": "fp32", "Cuts": "i64", "Table": "i64", "Out": "i8"}, (),
-               dict(NCUT=ncut, CP=ncut, NKB=nkb), {"num_warps": warps})
+    for nkb, ncut, cand, warps in ((1024, 1, 0, 1), (1024, 4, 256, 1), (4096, 4, 1024, 4)):
+        yield (f"topk levels nkb={nkb} cuts={ncut} cand={cand}", levels._topk_levels_kernel,
+               {"Scores": "fp32", "Cuts": "i64", "Table": "i64", "Out": "i8", "Scratch": "i64"}, (),
+               dict(NCUT=ncut, NKB=nkb, CAND=cand), {"num_warps": warps})
     for with_sim, with_pyramid in ((False, True), (True, True), (True, False)):
         yield (f"pyramid build sim={with_sim} pyramid={with_pyramid}", pyramid._pyramid_build_kernel,
                {"K": "bf16", "V": "bf16", "KP": "bf16", "VP": "bf16", "Bias": "fp32",

@@ -468,10 +468,10 @@ def test_triton_levels_of_long_rows_match_torch(mode, ratios, nkb, presort_above
 @pytest.mark.parametrize("ratios", TOPK_RATIOS + [{1: [0.0, 1.0]}, {0: [0.0, 1.0]}, {2: [0.0, 0.02], 0: [0.02, 1.0]}])
 @pytest.mark.parametrize("nkb", [1, 7, 64, 300])
 def test_topk_levels_by_selection_match_the_sorted_ranking(ratios, nkb, device):
-    # The topk kernel finds each level boundary's rank by bisection instead of sorting. On
-    # rows with many ties, ties at zero, negative and -0.0 scores, it must give the torch
-    # reference's levels (stable descending order: the lower block index ranks first) and the
-    # sorting kernel's.
+    # The topk kernel finds each level boundary's rank by bisection instead of sorting (over
+    # the whole row, or the last one so and the others among the blocks packed before it). On
+    # rows with many ties, ties at zero, negative and -0.0 scores, every ranking must give the
+    # torch reference's levels (stable descending order: the lower block index ranks first).
     gen = torch.Generator().manual_seed(nkb)
     scores = torch.randint(-3, 5, (1, 2, 3, nkb), generator=gen).float() / 4
     scores[0, 0, 0] = 0.5                                # every block ties
@@ -480,11 +480,10 @@ def test_topk_levels_by_selection_match_the_sorted_ranking(ratios, nkb, device):
     scores[0, 1, 1] = -torch.rand(nkb, generator=gen)    # all negative
     cfg = _cfg(ratios, "topk")
     want = assign_levels(scores, cfg)
-    got = assign_levels_triton(scores.to(device), cfg, select=True).cpu()
-    assert got.dtype == torch.int8
-    assert torch.equal(got, want)
-    assert torch.equal(assign_levels_triton(scores.to(device), cfg, select=False).cpu(), want)
-    assert torch.equal(assign_levels_triton(scores.to(device), cfg).cpu(), want)
+    for rank in ("bisect", "compact", "sort", None):
+        got = assign_levels_triton(scores.to(device), cfg, rank=rank).cpu()
+        assert got.dtype == torch.int8
+        assert torch.equal(got, want), rank
     assert (want != 0).any(dim=-1).all()  # no row is left empty
 
 
@@ -496,3 +495,5 @@ def test_topk_rank_table_changes_where_the_ranges_do():
     assert table.tolist() == [1, 2, 4, 8, 0]
     cuts, table = levels_mod._topk_table(10, _cfg({0: [0.0, 1.0]}, "topk"), "cpu")
     assert cuts.tolist() == [1] and table.tolist() == [1, 0]  # the best block keeps level 1
+    with pytest.raises(ValueError, match="rank 'quick'; allowed: sort, bisect, compact"):
+        assign_levels_triton(torch.rand(1, 1, 2, 10), cfg, rank="quick")
