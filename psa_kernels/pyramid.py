@@ -344,12 +344,14 @@ def attention_bytes_per_head(B: int, L: int, D: int, element_size: int, m: int, 
     return B * (2 * pyramid_rows * D * element_size + nqb * (max_segs + 2 * max_tiles + len(COUNT_FIELDS)) * 4)
 
 
-def build_schedule(levels: torch.Tensor, pyr: Pyramid, packed: bool, tile_n: int | None = None) -> Schedule:
+def build_schedule(levels: torch.Tensor, pyr: Pyramid, packed: bool, tile_n: int | None = None,
+                   num_warps: int | None = None) -> Schedule:
     """Turn a level map into tile lists: regular level-1 tiles, regular pooled tiles (levels
     2, 4, 8), then the masked tiles at the back; key blocks ascending within a level.
 
     One Triton program per row; buffers are sized for the worst case of any level map, so
-    nothing is read back to the host."""
+    nothing is read back to the host. One warp a row up to 512 key blocks, else four (H100
+    probe, benchmarks/NOTES.md change 25)."""
     B, H, nqb, nkb = levels.shape
     n = pyr.n
     tn = tile_n or tile_width(n)
@@ -372,7 +374,8 @@ def build_schedule(levels: torch.Tensor, pyr: Pyramid, packed: bool, tile_n: int
         PT1=per_tile[1], PT2=per_tile[2], PT4=per_tile[4], PT8=per_tile[8],
         SP1=split[1], SP2=split[2], SP4=split[4], SP8=split[8],
         MT1=p2(max_t[1]), MT2=p2(max_t[2]), MT4=p2(max_t[4]), MT8=p2(max_t[8]),
-        AM1=always_masked[1], AM2=always_masked[2], AM4=always_masked[4], AM8=always_masked[8], num_warps=4)
+        AM1=always_masked[1], AM2=always_masked[2], AM4=always_masked[4], AM8=always_masked[8],
+        num_warps=num_warps or (1 if nkb <= 512 else 4))
     return Schedule(tile_level, tile_seg, counts, segs, tn, packed)
 
 
