@@ -86,10 +86,16 @@ def _level_of(x, lv_now, lvl, lo, hi, CLOSED_AT_ONE: tl.constexpr):
 
 
 @triton.jit
+def _flip_negatives(bits):
+    """Reverse the magnitude bits of negative int32s: maps float32 bits to integers in float
+    order, and back (it is its own inverse)."""
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
 def _ordered_key32(x):
     """float32 -> int32 in the same order (negatives below positives, -0.0 equal to +0.0)."""
-    bits = (x + 0.0).to(tl.int32, bitcast=True)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return _flip_negatives((x + 0.0).to(tl.int32, bitcast=True))
 
 
 @triton.jit
@@ -111,8 +117,7 @@ def _assign_levels_kernel(Scores, Order, Out, nkb, keep, r1lo, r1hi, r2lo, r2hi,
         key = tl.where(valid, (ordered << 32) | (NKB - 1 - idx).to(tl.int64), -9223372036854775808)
         key = tl.sort(key, descending=True)
         order = NKB - 1 - (key & 0xFFFFFFFF).to(tl.int32)
-        ordered = (key >> 32).to(tl.int32)
-        ranked = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)  # the key's inverse
+        ranked = _flip_negatives((key >> 32).to(tl.int32)).to(tl.float32, bitcast=True)
     rank = idx
     lv = tl.zeros([NKB], tl.int32)
     if THRESHOLD:
@@ -192,12 +197,12 @@ def _topk_levels_kernel(Scores, Cuts, Table, Out, Scratch, nkb, NCUT: tl.constex
 
 
 _TOPK_TABLES: dict = {}
-_TOPK_LAST: dict = {}  # (nkb, ranges) -> the last rank where the level changes (host side)
 
 
-def _topk_table(nkb: int, cfg: PSAConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _topk_table(nkb: int, cfg: PSAConfig, device) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(ranks where the topk level changes, level of each interval between them) as int64
-    device tensors, cached: the rank table of :func:`assign_levels` with its empty-row rule."""
+    device tensors, and the last such rank (0 if none), cached: the rank table of
+    :func:`assign_levels` with its empty-row rule."""
     key = (nkb, tuple(cfg.level_ranges()), str(device))
     hit = _TOPK_TABLES.get(key)
     if hit is None:
@@ -206,8 +211,8 @@ def _topk_table(nkb: int, cfg: PSAConfig, device) -> tuple[torch.Tensor, torch.T
             by_rank[0] = 1  # no row may be empty
         change = (by_rank[1:] != by_rank[:-1]).nonzero().flatten() + 1
         table = torch.cat([by_rank[:1], by_rank[change]]).long()
-        hit = _TOPK_TABLES[key] = (change.long().to(device), table.to(device))
-        _TOPK_LAST[key[:2]] = int(change[-1]) if change.numel() else 0
+        last = int(change[-1]) if change.numel() else 0
+        hit = _TOPK_TABLES[key] = (change.long().to(device), table.to(device), last)
     return hit
 
 
@@ -232,9 +237,8 @@ def assign_levels_triton(scores: torch.Tensor, cfg: PSAConfig,
     out = torch.empty(scores.shape, dtype=torch.int8, device=scores.device)
     threshold = cfg.mask_mode == "thresholdbound"
     if not threshold:
-        cuts, table = _topk_table(nkb, cfg, scores.device)
+        cuts, table, last = _topk_table(nkb, cfg, scores.device)
         ncut = cuts.numel()
-        last = int(_TOPK_LAST[(nkb, tuple(cfg.level_ranges()))]) if ncut else 0
         if rank is None:
             rank = ("bisect" if ncut <= SELECT_CUTS else
                     "compact" if last <= COMPACT_SHARE * nkb else "sort")

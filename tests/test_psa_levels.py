@@ -489,11 +489,11 @@ def test_topk_levels_by_selection_match_the_sorted_ranking(ratios, nkb, device):
 
 def test_topk_rank_table_changes_where_the_ranges_do():
     cfg = _cfg(TOPK_RATIOS[1], "topk")
-    cuts, table = levels_mod._topk_table(1024, cfg, "cpu")
+    cuts, table, _ = levels_mod._topk_table(1024, cfg, "cpu")
     # psa_topk over 1024 blocks: ranks [0, 51) level 1, [51, 102) 2, [102, 154) 4, [154, 256) 8
     assert cuts.tolist() == [51, 102, 154, 256]
     assert table.tolist() == [1, 2, 4, 8, 0]
-    cuts, table = levels_mod._topk_table(10, _cfg({0: [0.0, 1.0]}, "topk"), "cpu")
+    cuts, table, _ = levels_mod._topk_table(10, _cfg({0: [0.0, 1.0]}, "topk"), "cpu")
     assert cuts.tolist() == [1] and table.tolist() == [1, 0]  # the best block keeps level 1
     with pytest.raises(ValueError, match="rank 'quick'; allowed: sort, bisect, compact"):
         assign_levels_triton(torch.rand(1, 1, 2, 10), cfg, rank="quick")
