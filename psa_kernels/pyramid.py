@@ -225,6 +225,7 @@ class Schedule:
     segs: torch.Tensor         # [B, H, nqb, max_segs] int32: first pyramid row, -1 = empty slot
     tile_n: int                # pyramid rows per tile
     packed: bool               # several segments per tile (new_mask_type)
+    folded: bool = True        # a packed level's partly filled last tile is a regular one
 
     @property
     def num_tiles(self) -> torch.Tensor:
@@ -233,10 +234,13 @@ class Schedule:
 
 
 # Per schedule row: regular tiles of levels 1, 2, 4, 8 (in that order at the front of the
-# tile list), masked tiles (at the back), and the first segment of levels 2, 4, 8 (level 1
-# starts at 0). The kernel finds the segments of the t-th regular tile of level p at
-# seg_p + t * per_tile(p) without reading the tile list.
-COUNT_FIELDS = ("regular1", "regular2", "regular4", "regular8", "masked", "seg2", "seg4", "seg8")
+# tile list), masked tiles (at the back), the first segment of levels 2, 4, 8 (level 1
+# starts at 0) and the key blocks of each level. The kernel finds the segments of the t-th
+# regular tile of level p at seg_p + t * per_tile(p) without reading the tile list; a packed
+# level's last regular tile may be partly filled (folded schedules), its real columns being
+# blocks_p * n/p - t * tile_n.
+COUNT_FIELDS = ("regular1", "regular2", "regular4", "regular8", "masked", "seg2", "seg4", "seg8",
+                "blocks1", "blocks2", "blocks4", "blocks8")
 _RECORD = tl.constexpr(len(COUNT_FIELDS))  # the record's length, as the kernels see it
 
 
@@ -263,15 +267,17 @@ def level_split(n: int, p: int, tile_n: int, packed: bool) -> tuple[int, int]:
 @triton.jit
 def _schedule_level(lv, kb, nkb, Segs, TileLevel, TileSeg, seg_at, reg_at, flag_at, tail_block, last_tile,
                     P: tl.constexpr, BASE, N: tl.constexpr, PER_TILE: tl.constexpr, SPLIT: tl.constexpr,
-                    MAX_T: tl.constexpr, ALWAYS_MASKED: tl.constexpr):
+                    MAX_T: tl.constexpr, ALWAYS_MASKED: tl.constexpr, FOLD: tl.constexpr):
     """Append the key blocks of level P to one row's segment list, PER_TILE segments a tile
     (or, when a block is wider than a tile, SPLIT tiles a segment).
 
-    A tile whose columns are all whole groups of P real keys is *regular* and goes to the
-    front of the tile list. The others (the last tile of the level when it has empty slots
-    or holds the partial last key block; every tile when ALWAYS_MASKED) are *masked* and go
-    to the back, filled from ``last_tile`` down, so the kernel meets each kind in a loop of
-    its own. Returns (segments, regular tiles, masked tiles) added."""
+    A tile whose columns are whole groups of P real keys is *regular* and goes to the front
+    of the tile list; with FOLD that includes the level's last tile when its only flaw is
+    empty slots at its end (the kernel masks those columns from the level's block count).
+    The others (the last tile of the level when it holds the partial last key block, or,
+    without FOLD, has empty slots; every tile when ALWAYS_MASKED) are *masked* and go to the
+    back, filled from ``last_tile`` down, so the kernel meets each kind in a loop of its own.
+    Returns (segments, regular tiles, masked tiles, key blocks) added."""
     sel = (lv == P) & (kb < nkb)
     cnt = tl.sum(sel.to(tl.int32), 0)
     pos = tl.cumsum(sel.to(tl.int32), 0) - 1
@@ -281,7 +287,10 @@ def _schedule_level(lv, kb, nkb, Segs, TileLevel, TileSeg, seg_at, reg_at, flag_
     tl.store(Segs + seg_at + cnt + pad, -1, mask=pad < groups * PER_TILE - cnt)
     holds_tail = tl.sum((sel & (kb == tail_block)).to(tl.int32), 0) > 0
     # the tail block comes last in its level: its sub-tiles are the level's last tiles
-    last_masked = ((cnt % PER_TILE != 0) | holds_tail) & (groups > 0)
+    if FOLD:
+        last_masked = holds_tail & (groups > 0)
+    else:
+        last_masked = ((cnt % PER_TILE != 0) | holds_tail) & (groups > 0)
     ntiles = groups * SPLIT
     nmasked = ntiles if ALWAYS_MASKED else last_masked.to(tl.int32) * SPLIT
     nregular = ntiles - nmasked
@@ -289,7 +298,7 @@ def _schedule_level(lv, kb, nkb, Segs, TileLevel, TileSeg, seg_at, reg_at, flag_
     slot = tl.where(t < nregular, reg_at + t, last_tile - (flag_at + t - nregular))
     tl.store(TileLevel + slot, P | ((t % SPLIT) << _SUB), mask=t < ntiles)
     tl.store(TileSeg + slot, seg_at + (t // SPLIT) * PER_TILE, mask=t < ntiles)
-    return groups * PER_TILE, nregular, nmasked
+    return groups * PER_TILE, nregular, nmasked, cnt
 
 
 @triton.jit
@@ -298,7 +307,8 @@ def _schedule_kernel(Levels, Segs, TileLevel, TileSeg, Counts, nkb, tail_block, 
                      PT1: tl.constexpr, PT2: tl.constexpr, PT4: tl.constexpr, PT8: tl.constexpr,
                      SP1: tl.constexpr, SP2: tl.constexpr, SP4: tl.constexpr, SP8: tl.constexpr,
                      MT1: tl.constexpr, MT2: tl.constexpr, MT4: tl.constexpr, MT8: tl.constexpr,
-                     AM1: tl.constexpr, AM2: tl.constexpr, AM4: tl.constexpr, AM8: tl.constexpr):
+                     AM1: tl.constexpr, AM2: tl.constexpr, AM4: tl.constexpr, AM8: tl.constexpr,
+                     FOLD: tl.constexpr):
     # One program: one (batch, head, query block) row. Segment positions inside the row are
     # relative (TileSeg holds row-relative offsets), so rows never look at each other.
     row = tl.program_id(0)
@@ -309,15 +319,21 @@ def _schedule_kernel(Levels, Segs, TileLevel, TileSeg, Counts, nkb, tail_block, 
     tseg = TileSeg + row * s_tile
     last = s_tile - 1
     rec = Counts + row * _RECORD
-    n1, r1, m1 = _schedule_level(lv, kb, nkb, segs, tlev, tseg, 0, 0, 0, tail_block, last, 1, 0, N, PT1, SP1, MT1, AM1)
+    n1, r1, m1, c1 = _schedule_level(lv, kb, nkb, segs, tlev, tseg, 0, 0, 0, tail_block, last, 1, 0, N,
+                                     PT1, SP1, MT1, AM1, FOLD)
     tl.store(rec + 5, n1)
-    n2, r2, m2 = _schedule_level(lv, kb, nkb, segs, tlev, tseg, n1, r1, m1, tail_block, last, 2, B2, N, PT2, SP2, MT2, AM2)
+    n2, r2, m2, c2 = _schedule_level(lv, kb, nkb, segs, tlev, tseg, n1, r1, m1, tail_block, last, 2, B2, N,
+                                     PT2, SP2, MT2, AM2, FOLD)
     tl.store(rec + 6, n1 + n2)
-    n4, r4, m4 = _schedule_level(lv, kb, nkb, segs, tlev, tseg, n1 + n2, r1 + r2, m1 + m2, tail_block, last,
-                                 4, B4, N, PT4, SP4, MT4, AM4)
+    n4, r4, m4, c4 = _schedule_level(lv, kb, nkb, segs, tlev, tseg, n1 + n2, r1 + r2, m1 + m2, tail_block, last,
+                                     4, B4, N, PT4, SP4, MT4, AM4, FOLD)
     tl.store(rec + 7, n1 + n2 + n4)
-    _, r8, m8 = _schedule_level(lv, kb, nkb, segs, tlev, tseg, n1 + n2 + n4, r1 + r2 + r4, m1 + m2 + m4,
-                                tail_block, last, 8, B8, N, PT8, SP8, MT8, AM8)
+    _, r8, m8, c8 = _schedule_level(lv, kb, nkb, segs, tlev, tseg, n1 + n2 + n4, r1 + r2 + r4, m1 + m2 + m4,
+                                    tail_block, last, 8, B8, N, PT8, SP8, MT8, AM8, FOLD)
+    tl.store(rec + 8, c1)
+    tl.store(rec + 9, c2)
+    tl.store(rec + 10, c4)
+    tl.store(rec + 11, c8)
     tl.store(rec + 0, r1)
     tl.store(rec + 1, r2)
     tl.store(rec + 2, r4)
@@ -345,9 +361,11 @@ def attention_bytes_per_head(B: int, L: int, D: int, element_size: int, m: int, 
 
 
 def build_schedule(levels: torch.Tensor, pyr: Pyramid, packed: bool, tile_n: int | None = None,
-                   num_warps: int | None = None) -> Schedule:
+                   num_warps: int | None = None, fold: bool = True) -> Schedule:
     """Turn a level map into tile lists: regular level-1 tiles, regular pooled tiles (levels
-    2, 4, 8), then the masked tiles at the back; key blocks ascending within a level.
+    2, 4, 8), then the masked tiles at the back; key blocks ascending within a level. With
+    ``fold`` a packed level's partly filled last tile stays in its regular loop, which masks
+    the empty columns (benchmarks/NOTES.md change 26); otherwise it is a masked tile.
 
     One Triton program per row; buffers are sized for the worst case of any level map, so
     nothing is read back to the host. One warp a row up to 512 key blocks, else four (H100
@@ -375,8 +393,8 @@ def build_schedule(levels: torch.Tensor, pyr: Pyramid, packed: bool, tile_n: int
         SP1=split[1], SP2=split[2], SP4=split[4], SP8=split[8],
         MT1=p2(max_t[1]), MT2=p2(max_t[2]), MT4=p2(max_t[4]), MT8=p2(max_t[8]),
         AM1=always_masked[1], AM2=always_masked[2], AM4=always_masked[4], AM8=always_masked[8],
-        num_warps=num_warps or (1 if nkb <= 512 else 4))
-    return Schedule(tile_level, tile_seg, counts, segs, tn, packed)
+        FOLD=fold, num_warps=num_warps or (1 if nkb <= 512 else 4))
+    return Schedule(tile_level, tile_seg, counts, segs, tn, packed, fold)
 
 
 # ------------------------------------------------------------------------- kernel
@@ -391,8 +409,8 @@ def _regular_tile(kbase, vbase, seg_row, seg_first, t, r, skl, svl, dd, SEG_LEN:
         SPLIT: tl.constexpr = SEG_LEN // TILE_N
         start = tl.load(seg_row + seg_first + t // SPLIT) + (t % SPLIT) * TILE_N
         prow = tl.multiple_of(start, TILE_N) + r
-    else:
-        prow = tl.load(seg_row + seg_first + t * PER_TILE + r // SEG_LEN) + r % SEG_LEN
+    else:  # PER_TILE segments; an empty slot (-1, only in a folded last tile) reads real rows
+        prow = tl.maximum(tl.load(seg_row + seg_first + t * PER_TILE + r // SEG_LEN), 0) + r % SEG_LEN
     k = tl.load(kbase + prow[:, None] * skl + dd[None, :])
     v = tl.load(vbase + prow[:, None] * svl + dd[None, :])
     return k, v
@@ -439,23 +457,48 @@ def _attend_tile(s, v, scale, bias, m_i, l_i, acc):
 
 
 @triton.jit
-def _regular_loop(q, kbase, vbase, seg_row, seg_first, ntiles, r, skl, svl, dd, scale, m_i, l_i, acc,
+def _attend_logits(x, v, m_i, l_i, acc):
+    """Online-softmax step over a tile of logits x (log2 units, -inf for masked columns)."""
+    m_new = tl.maximum(m_i, tl.max(x, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(x - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _regular_step(q, kbase, vbase, seg_row, seg_first, t, cols, r, skl, svl, dd, scale, m_i, l_i, acc,
+                  SEG_LEN: tl.constexpr, TILE_N: tl.constexpr, PER_TILE: tl.constexpr, BIAS: tl.constexpr,
+                  FOLD: tl.constexpr):
+    k, v = _regular_tile(kbase, vbase, seg_row, seg_first, t, r, skl, svl, dd, SEG_LEN, TILE_N, PER_TILE)
+    s = tl.dot(q, tl.trans(k))
+    if FOLD and PER_TILE > 1:  # a level's last tile may end in empty slots: mask past its real columns
+        colb = tl.where(r < cols - t * TILE_N, BIAS, float("-inf"))
+        return _attend_logits(s * scale + colb[None, :], v, m_i, l_i, acc)
+    else:
+        return _attend_tile(s, v, scale, BIAS, m_i, l_i, acc)
+
+
+@triton.jit
+def _regular_loop(q, kbase, vbase, seg_row, seg_first, ntiles, blocks, r, skl, svl, dd, scale, m_i, l_i, acc,
                   P: tl.constexpr, N: tl.constexpr, TILE_N: tl.constexpr, PACKED: tl.constexpr,
-                  LOOP_STAGES: tl.constexpr):
-    """The regular tiles of level P: every column stands for P real keys (bias log2 P)."""
+                  LOOP_STAGES: tl.constexpr, FOLD: tl.constexpr):
+    """The regular tiles of level P: every column stands for P real keys (bias log2 P), up
+    to the level's ``blocks`` key blocks (the last tile of a folded packed level may end in
+    empty slots)."""
     SEG_LEN: tl.constexpr = N // P
     PER_TILE: tl.constexpr = TILE_N // SEG_LEN if PACKED else 1
     BIAS: tl.constexpr = 0.0 if P == 1 else (1.0 if P == 2 else (2.0 if P == 4 else 3.0))
+    cols = blocks * SEG_LEN
     if LOOP_STAGES > 0:  # the loop's own pipelining also prefetches the segment starts
         for t in tl.range(0, ntiles, num_stages=LOOP_STAGES):
-            k, v = _regular_tile(kbase, vbase, seg_row, seg_first, t, r, skl, svl, dd, SEG_LEN, TILE_N, PER_TILE)
-            s = tl.dot(q, tl.trans(k))
-            m_i, l_i, acc = _attend_tile(s, v, scale, BIAS, m_i, l_i, acc)
+            m_i, l_i, acc = _regular_step(q, kbase, vbase, seg_row, seg_first, t, cols, r, skl, svl, dd, scale,
+                                          m_i, l_i, acc, SEG_LEN, TILE_N, PER_TILE, BIAS, FOLD)
     else:
         for t in range(0, ntiles):
-            k, v = _regular_tile(kbase, vbase, seg_row, seg_first, t, r, skl, svl, dd, SEG_LEN, TILE_N, PER_TILE)
-            s = tl.dot(q, tl.trans(k))
-            m_i, l_i, acc = _attend_tile(s, v, scale, BIAS, m_i, l_i, acc)
+            m_i, l_i, acc = _regular_step(q, kbase, vbase, seg_row, seg_first, t, cols, r, skl, svl, dd, scale,
+                                          m_i, l_i, acc, SEG_LEN, TILE_N, PER_TILE, BIAS, FOLD)
     return m_i, l_i, acc
 
 
@@ -466,7 +509,7 @@ def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, Counts, Segs,
                          s_tl, s_seg,
                          H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                          N: tl.constexpr, TILE_N: tl.constexpr, PACKED: tl.constexpr,
-                         HAS_PERM: tl.constexpr, LOOP_STAGES: tl.constexpr):
+                         HAS_PERM: tl.constexpr, LOOP_STAGES: tl.constexpr, FOLD: tl.constexpr):
     # Branch-free loops, so that loads pipeline: the regular tiles of each level in a loop of
     # their own (segment length and bias known at compile time), then the masked tiles
     # (empty slots or the partial last block: masked loads and the per-row ln(count) bias).
@@ -494,14 +537,14 @@ def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, Counts, Segs,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     scale = sm_scale_log2
-    m_i, l_i, acc = _regular_loop(q, kbase, vbase, seg_row, 0, tl.load(rec + 0), r, skl, svl, dd, scale,
-                                  m_i, l_i, acc, 1, N, TILE_N, PACKED, LOOP_STAGES)
-    m_i, l_i, acc = _regular_loop(q, kbase, vbase, seg_row, tl.load(rec + 5), tl.load(rec + 1), r, skl, svl, dd,
-                                  scale, m_i, l_i, acc, 2, N, TILE_N, PACKED, LOOP_STAGES)
-    m_i, l_i, acc = _regular_loop(q, kbase, vbase, seg_row, tl.load(rec + 6), tl.load(rec + 2), r, skl, svl, dd,
-                                  scale, m_i, l_i, acc, 4, N, TILE_N, PACKED, LOOP_STAGES)
-    m_i, l_i, acc = _regular_loop(q, kbase, vbase, seg_row, tl.load(rec + 7), tl.load(rec + 3), r, skl, svl, dd,
-                                  scale, m_i, l_i, acc, 8, N, TILE_N, PACKED, LOOP_STAGES)
+    m_i, l_i, acc = _regular_loop(q, kbase, vbase, seg_row, 0, tl.load(rec + 0), tl.load(rec + 8), r, skl, svl,
+                                  dd, scale, m_i, l_i, acc, 1, N, TILE_N, PACKED, LOOP_STAGES, FOLD)
+    m_i, l_i, acc = _regular_loop(q, kbase, vbase, seg_row, tl.load(rec + 5), tl.load(rec + 1), tl.load(rec + 9), r,
+                                  skl, svl, dd, scale, m_i, l_i, acc, 2, N, TILE_N, PACKED, LOOP_STAGES, FOLD)
+    m_i, l_i, acc = _regular_loop(q, kbase, vbase, seg_row, tl.load(rec + 6), tl.load(rec + 2), tl.load(rec + 10),
+                                  r, skl, svl, dd, scale, m_i, l_i, acc, 4, N, TILE_N, PACKED, LOOP_STAGES, FOLD)
+    m_i, l_i, acc = _regular_loop(q, kbase, vbase, seg_row, tl.load(rec + 7), tl.load(rec + 3), tl.load(rec + 11),
+                                  r, skl, svl, dd, scale, m_i, l_i, acc, 8, N, TILE_N, PACKED, LOOP_STAGES, FOLD)
     # masked tiles: empty slots or the partial last block, masked loads and the per-row
     # ln(count) bias (pipelined by the kernel-wide num_stages; the loop's own pipelining moved
     # the time by -3% to +7% by preset, benchmarks/NOTES.md change 18)
@@ -572,6 +615,7 @@ def attention_triton(q: torch.Tensor, pyr: Pyramid, sched: Schedule, m: int,
         pyr.v.stride(0), pyr.v.stride(1), pyr.v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         sched.tile_level.stride(2), sched.segs.stride(2),
         H=H, D=D, BLOCK_M=m, N=pyr.n, TILE_N=sched.tile_n, PACKED=sched.packed, HAS_PERM=perm is not None,
+        FOLD=sched.folded,
         LOOP_STAGES=cfg.loop_stages if loop_stages is None else loop_stages,
         num_warps=num_warps or cfg.num_warps, num_stages=num_stages or cfg.num_stages,
         **({"maxnreg": mr} if (mr := _register_cap(cfg, num_warps, maxnreg)) else {}))

@@ -241,8 +241,11 @@ def _decode_schedule(sched, pyr, nkb, L):
     """(level, key block) visited per schedule row, read the way the kernel reads the schedule.
 
     Regular tiles fill the front of a row's tile list (level-1 ones first), masked tiles the
-    back. A regular tile must be full of real pyramid rows: no empty slot, not the partial
-    last key block; those go to the masked tiles, where the kernel applies the per-row bias."""
+    back. A regular tile holds only real pyramid rows of whole groups: never the partial last
+    key block, which goes to the masked tiles (the kernel applies the per-row bias there).
+    Empty slots: in a folded schedule only at the end of a packed level's last regular tile,
+    as many as the kernel masks from the record's block count; otherwise only in masked
+    tiles."""
     n, tn = pyr.n, sched.tile_n
     tile_level, tile_seg, counts, segs = (
         x.cpu() for x in (sched.tile_level, sched.tile_seg, sched.counts, sched.segs))
@@ -287,8 +290,17 @@ def _decode_schedule(sched, pyr, nkb, L):
                         assert 0 <= off < nkb * seg_len and off % seg_len == 0, (p, seg)
                         blocks.append(off // seg_len)
                     if regular:
-                        assert not empty, f"regular tile {t} of row {(b, h, i)} has empty columns"
                         assert tail not in blocks, f"regular tile {t} of row {(b, h, i)} holds the partial last block"
+                        # the kernel's real columns of this tile: blocks_p * seg_len - t * tile_n
+                        cols = rec[f"blocks{p}"] * seg_len - regular_index[t] * tn
+                        assert cols > 0, (b, h, i, t)
+                        filled = min(cols, tn) // seg_len if split == 1 else 1
+                        real = [int(segs[b, h, i, first + s_]) >= 0 for s_ in range(slots)]
+                        assert real == [s_ < filled for s_ in range(slots)], (b, h, i, t, real, cols)
+                        if empty:
+                            assert sched.folded and sched.packed and slots > 1, \
+                                f"regular tile {t} of row {(b, h, i)} has empty columns"
+                            assert regular_index[t] == per_level[(1, 2, 4, 8).index(p)] - 1, (b, h, i, t)
                     seen += [(p, j, sub) for j in blocks]
                     tiles.append(p)
                 out[b, h, i] = seen, tiles
@@ -296,9 +308,9 @@ def _decode_schedule(sched, pyr, nkb, L):
 
 
 @pytest.mark.parametrize("n,tile_n", [(16, None), (32, None), (64, None), (128, None), (128, 32), (64, 16)])
-@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("packed,fold", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("partial_tail", [True, False])
-def test_schedule_visits_every_selected_block_once(n, tile_n, packed, partial_tail, device):
+def test_schedule_visits_every_selected_block_once(n, tile_n, packed, fold, partial_tail, device):
     nkb, nqb = 37, 5
     L = nkb * n - (n // 2 if partial_tail else 0)
     k = torch.zeros(1, 2, L, 16, device=device)
@@ -306,17 +318,19 @@ def test_schedule_visits_every_selected_block_once(n, tile_n, packed, partial_ta
     levels = _random_levels(1, 2, nqb, nkb, seed=n)
     levels[0, 1, 4] = 0
     levels[0, 1, 4, 36] = 8  # a row with one block, the last
-    sched = pyramid.build_schedule(levels.to(device), pyr, packed=packed, tile_n=tile_n)
+    sched = pyramid.build_schedule(levels.to(device), pyr, packed=packed, tile_n=tile_n, fold=fold)
     tile_n = sched.tile_n
-    assert sched.packed is packed
+    assert sched.packed is packed and sched.folded is fold
     for (b, h, i), (seen, tiles) in _decode_schedule(sched, pyr, nkb, L).items():
         # every selected block once, each of its sub-tiles once when it is wider than a tile
         want = sorted((int(p), j, sub) for j, p in enumerate(levels[b, h, i].tolist()) if p != 0
                       for sub in range(pyramid.level_split(n, int(p), tile_n, packed)[1]))
         assert sorted(seen) == want, (b, h, i)
         assert len(seen) == len(set(seen))
+        counts = sched.counts[b, h, i].tolist()
         for p in (1, 2, 4, 8):
             cnt = int((levels[b, h, i] == p).sum())
+            assert counts[pyramid.COUNT_FIELDS.index(f"blocks{p}")] == cnt, (b, h, i, p)
             # packing fills tiles: at most one partly filled tile per level and row
             per_tile, split = pyramid.level_split(n, p, tile_n, packed)
             assert tiles.count(p) == -(-cnt // per_tile) * split, (p, cnt, tiles)
