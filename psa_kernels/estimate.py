@@ -133,24 +133,35 @@ def _estimate_kernel(Q, K, Part, MaxAt, MaxEnd, Norm, QWeight, Perm, L, nqb, nkb
 def _estimate_reduce_kernel(Part, MaxAt, MaxEnd, Norm, QWeight, Out, nkb, ntiles, sampled, sob, soh, soq,
                             H: tl.constexpr, SQ: tl.constexpr, KBLOCKS: tl.constexpr, CHUNK: tl.constexpr,
                             SPLITS: tl.constexpr):
-    # One program: CHUNK key blocks of one query block: the weighted sum over the block's
-    # sampled queries of their partial sums, each brought to the query's final maximum and
-    # divided by its normaliser (both gathered over the runs of key tiles).
+    # One program: one query block, CHUNK key blocks at a time. Each key block's score is the
+    # weighted sum over the block's sampled queries of their partial sums, each brought to
+    # the query's final maximum and divided by its normaliser (both gathered over the runs of
+    # key tiles). The factor is one per (sampled query, key tile): the partial sums are read
+    # as [queries, tiles, key blocks of a tile] (benchmarks/NOTES.md change 27).
     qb = tl.program_id(0)
-    c = tl.program_id(1)
-    bh = tl.program_id(2)
+    bh = tl.program_id(1)
+    TILES: tl.constexpr = CHUNK // KBLOCKS
     rows = (bh * sampled + qb * SQ + tl.arange(0, SQ)).to(tl.int64)
-    kb = c * CHUNK + tl.arange(0, CHUNK)
-    inside = kb < nkb
-    x = tl.load(Part + rows[:, None] * (ntiles * KBLOCKS) + kb[None, :], mask=inside[None, :], other=0.0)
-    at = tl.load(MaxAt + rows[:, None] * ntiles + (kb // KBLOCKS)[None, :], mask=inside[None, :], other=0.0)
     sp = tl.arange(0, SPLITS)
     ends = tl.load(MaxEnd + rows[:, None] * SPLITS + sp[None, :])
     end = tl.max(ends, 1)
     norm = tl.sum(tl.load(Norm + rows[:, None] * SPLITS + sp[None, :]) * tl.exp2(ends - end[:, None]), 1)
     w = tl.load(QWeight + rows) / norm
-    score = tl.sum(x * tl.exp2(at - end[:, None]) * w[:, None], 0)
-    tl.store(Out + (bh // H) * sob + (bh % H) * soh + qb * soq + kb, score, mask=inside)
+    part = Part + rows[:, None] * (ntiles * KBLOCKS)
+    max_at = MaxAt + rows[:, None] * ntiles
+    out = Out + (bh // H) * sob + (bh % H) * soh + qb * soq
+    for c in range(0, tl.cdiv(nkb, CHUNK)):
+        kb = c * CHUNK + tl.arange(0, CHUNK)
+        inside = kb < nkb
+        x = tl.load(part + kb[None, :], mask=inside[None, :], other=0.0)
+        t = c * TILES + tl.arange(0, TILES)
+        at = tl.load(max_at + t[None, :], mask=(t < ntiles)[None, :], other=0.0)
+        f = tl.exp2(at - end[:, None]) * w[:, None]  # [SQ, TILES]
+        score = tl.sum(tl.reshape(x, [SQ, TILES, KBLOCKS]) * f[:, :, None], 0)
+        tl.store(out + kb, tl.reshape(score, [CHUNK]), mask=inside)
+
+
+REDUCE_CHUNK = 256  # key blocks per step of the reduction (H100 probe, change 27)
 
 
 def _launch_shape(L: int, m: int, n: int, rows: int, tile: int) -> tuple[int, int, int, int, int]:
@@ -224,7 +235,7 @@ def estimate_triton(q: torch.Tensor, k: torch.Tensor, m: int, n: int,
     norm = torch.empty_like(max_end)
     qweight = torch.empty((B * group, sampled), device=q.device, dtype=torch.float32)
     sm_scale_log2 = (1.0 / math.sqrt(D)) * 1.4426950408889634
-    chunk = min(128, triton.next_power_of_2(nkb))
+    chunk = max(kblocks, min(REDUCE_CHUNK, triton.next_power_of_2(nkb)))  # whole key tiles a step
     for h0 in range(0, H, group):
         qh, kh, oh = q[:, h0:h0 + group], k[:, h0:h0 + group], out[:, h0:h0 + group]
         g = qh.shape[1]
@@ -234,7 +245,7 @@ def estimate_triton(q: torch.Tensor, k: torch.Tensor, m: int, n: int,
             qh.stride(0), qh.stride(1), qh.stride(2), kh.stride(0), kh.stride(1), kh.stride(2),
             H=g, D=D, M=m, N=n, SQ=sq, SK=sk, QBLOCKS=qblocks, KBLOCKS=kblocks, SPLITS=splits,
             HAS_PERM=perm is not None, num_warps=num_warps or 8, **({"num_stages": num_stages} if num_stages else {}))
-        _estimate_reduce_kernel[(nqb, triton.cdiv(nkb, chunk), B * g)](
+        _estimate_reduce_kernel[(nqb, B * g)](
             part, max_at, max_end, norm, qweight, oh, nkb, ntiles, sampled, oh.stride(0), oh.stride(1), oh.stride(2),
             H=g, SQ=sq, KBLOCKS=kblocks, CHUNK=chunk, SPLITS=splits, num_warps=4)
     return out

@@ -58,7 +58,7 @@ def variants():
                {"num_warps": 8})
         yield (f"estimate reduce m{m} n{n} splits{splits}", estimate._estimate_reduce_kernel,
                {"Part": "fp32", "MaxAt": "fp32", "MaxEnd": "fp32", "Norm": "fp32", "QWeight": "fp32", "Out": "fp32"},
-               (), dict(H=12, SQ=sq, KBLOCKS=128 // sk, CHUNK=128, SPLITS=splits), {"num_warps": 4})
+               (), dict(H=12, SQ=sq, KBLOCKS=128 // sk, CHUNK=estimate.REDUCE_CHUNK, SPLITS=splits), {"num_warps": 4})
     bounds = ("r1lo", "r1hi", "r2lo", "r2hi", "r4lo", "r4hi", "r8lo", "r8hi")
     for threshold, nkb, presorted in ((True, 512, False), (False, 4096, True)):
         yield (f"levels threshold={threshold} nkb={nkb}", levels._assign_levels_kernel,
@@ -82,19 +82,21 @@ def variants():
         yield (f"schedule n{n}", pyramid._schedule_kernel,
                {"Levels": "i8", "Segs": "i32", "TileLevel": "i32", "TileSeg": "i32", "Counts": "i32"}, (),
                dict(N=n, NKB=nkb, **{f"PT{p}": pt[p] for p in pt}, **{f"SP{p}": sp[p] for p in sp},
-                    **{f"MT{p}": mt[p] for p in mt}, AM1=False, AM2=False, AM4=False, AM8=False), {})
-    for m, n, packed, d in ((128, 128, True, 128), (128, 64, True, 128), (128, 32, True, 128),
-                            (128, 128, False, 128), (64, 64, True, 64), (128, 64, True, 256)):
+                    **{f"MT{p}": mt[p] for p in mt}, AM1=False, AM2=False, AM4=False, AM8=False, FOLD=True),
+               {})
+    for m, n, packed, d, fold in ((128, 128, True, 128, True), (128, 64, True, 128, True),
+                                  (128, 32, True, 128, True), (128, 32, True, 128, False),
+                                  (128, 128, False, 128, True), (64, 64, True, 64, True), (128, 64, True, 256, True)):
         tile_n = pyramid.tile_width(n)
         launch = kernel_launch_config(m, tile_n, packed, d)
         options = {"num_warps": launch.num_warps, "num_stages": launch.num_stages}
         if launch.maxnreg:
             options["maxnreg"] = launch.maxnreg
-        yield (f"attention m{m} n{n} packed={packed} d{d}", pyramid._pyramid_attn_kernel,
+        yield (f"attention m{m} n{n} packed={packed} d{d} fold={fold}", pyramid._pyramid_attn_kernel,
                {"Q": "bf16", "KP": "bf16", "VP": "bf16", "Bias": "fp32", "Out": "bf16", "TileLevel": "i32",
                 "TileSeg": "i32", "Counts": "i32", "Segs": "i32", "Perm": "i64"}, ("sm_scale_log2",),
                dict(H=12, D=d, BLOCK_M=m, N=n, TILE_N=tile_n, PACKED=packed, HAS_PERM=True,
-                    LOOP_STAGES=launch.loop_stages),
+                    LOOP_STAGES=launch.loop_stages, FOLD=fold),
                options)
 
 

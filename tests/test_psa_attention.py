@@ -77,9 +77,9 @@ def _random_levels(B, H, nqb, nkb, seed) -> torch.Tensor:
     return lv
 
 
-def _kernel(q, pyr, levels, m, packed, tile_n=None):
+def _kernel(q, pyr, levels, m, packed, tile_n=None, fold=True):
     out = torch.full_like(q, float("nan"))
-    sched = pyramid.build_schedule(levels, pyr, packed=packed, tile_n=tile_n)
+    sched = pyramid.build_schedule(levels, pyr, packed=packed, tile_n=tile_n, fold=fold)
     res = pyramid.attention_triton(q, pyr, sched, m, out=out)
     assert res.data_ptr() == out.data_ptr()
     assert not torch.isnan(out).any(), "kernel left rows unwritten"
@@ -128,15 +128,15 @@ def test_pooled_level_differs_from_full_resolution():
 
 @pytest.mark.parametrize("L,m,n,D", [(150, 32, 16, 16), (330, 64, 32, 32), (600, 64, 64, 16),
                                      (1100, 64, 128, 16), (70, 16, 16, 64)])
-@pytest.mark.parametrize("packed", [True, False])
-def test_random_level_maps(L, m, n, D, packed, device):
+@pytest.mark.parametrize("packed,fold", [(True, True), (True, False), (False, True)])
+def test_random_level_maps(L, m, n, D, packed, fold, device):
     q, k, v = structured_qkv((1, 1, L), heads=2, head_dim=D, batch=1, seed=L + n, device=device)
     nqb, nkb = -(-L // m), -(-L // n)
     levels = _random_levels(1, 2, nqb, nkb, seed=L).to(device)
     expected = _pyramid_by_hand(q, k, v, levels, m, n)
     pyr = pyramid.build_pyramid(k, v, n, L)
     _close(pyramid.attention_reference(q, pyr, levels, m), expected, atol=1e-5, rtol=1e-5)
-    _close(_kernel(q, pyr, levels, m, packed), expected, **KERNEL_TOL)
+    _close(_kernel(q, pyr, levels, m, packed, fold=fold), expected, **KERNEL_TOL)
 
 
 @pytest.mark.parametrize("n,tile_n", [(16, 16), (16, 64), (32, 32), (32, 256), (64, 64), (64, 32), (128, 64)])
