@@ -26,7 +26,10 @@ SELECT_CUTS = 2
 # changes among the blocks before it (change 24: psa_topk 480p 0.14 -> 0.064 ms, 720p 0.98 ->
 # 0.92 ms; n = 128 rows at 720p 0.37 -> 0.17 ms).
 COMPACT_SHARE = 0.5
-RANKINGS = ("sort", "bisect", "compact")
+# rank="sample": the set packed for the cuts is the blocks at or above a pivot read off a
+# sorted sample of this many keys, sized for a quarter more blocks than the last cut keeps.
+PIVOT_SAMPLE = 256
+RANKINGS = ("sort", "bisect", "compact", "sample")
 
 
 def _ranked_levels_topk(nkb: int, cfg: PSAConfig, device) -> torch.Tensor:
@@ -157,14 +160,32 @@ def _ranks_before(key, valid, cut):
 
 
 @triton.jit
+def _sampled_pivot_set(Scores, row, nkb, key, valid, last, CAND: tl.constexpr, SAMPLE: tl.constexpr):
+    """The blocks whose key is at least a pivot taken from a sorted sample of SAMPLE keys
+    spread over the row, aimed at between ``last`` and CAND blocks, and how many there are;
+    a pivot that misses that range gives an empty set."""
+    j = tl.arange(0, SAMPLE)
+    sk = tl.sort(_ordered_key32(tl.load(Scores + row * nkb + (j * nkb) // SAMPLE)), descending=True)
+    aim = tl.minimum(((last + CAND) // 2 * SAMPLE) // nkb, SAMPLE - 1)
+    pivot = tl.max(tl.where(j == aim, sk, -2147483648), 0)
+    above = valid & (key >= pivot)
+    count = tl.sum(above.to(tl.int32), 0)
+    hit = (count >= last) & (count <= CAND)
+    return above & hit, tl.where(hit, count, 0)
+
+
+@triton.jit
 def _topk_levels_kernel(Scores, Cuts, Table, Out, Scratch, nkb, NCUT: tl.constexpr, NKB: tl.constexpr,
-                        CAND: tl.constexpr):
+                        CAND: tl.constexpr, SAMPLE: tl.constexpr):
     # One program: one (batch, head, query block) row, without sorting it. A topk level
     # depends only on the block's rank, and the rank table changes level at NCUT ranks
     # (Cuts, ascending). A block's level is Table[number of cuts it does not rank before].
-    # CAND == 0: every cut is found over the whole row. Otherwise the last cut is, the blocks
-    # ranked before it (CAND or fewer, in index order) are packed into this row's Scratch,
-    # and the other cuts are found among those only; the rest take the last level.
+    # CAND == 0: every cut is found over the whole row. Otherwise a set of at most CAND
+    # blocks that holds every block ranked before the last cut is packed (in index order)
+    # into this row's Scratch, and the cuts are found among those only; the rest take the
+    # last level. The set: with SAMPLE, the blocks at or above a pivot from a sample of the
+    # row (one counting pass) when that holds between last and CAND blocks; otherwise, or
+    # without SAMPLE, exactly the blocks ranked before the last cut (a bisection).
     row = tl.program_id(0)
     idx = tl.arange(0, NKB)
     valid = idx < nkb
@@ -177,7 +198,14 @@ def _topk_levels_kernel(Scores, Cuts, Table, Out, Scratch, nkb, NCUT: tl.constex
         tl.store(Out + row * nkb + idx, lv.to(tl.int8), mask=valid)
     else:
         last = tl.load(Cuts + NCUT - 1).to(tl.int32)
-        kept = _ranks_before(key, valid, last)
+        if SAMPLE > 0:
+            kept, nset = _sampled_pivot_set(Scores, row, nkb, key, valid, last, CAND, SAMPLE)
+            if nset == 0:  # the pivot missed: the exact set
+                kept = _ranks_before(key, valid, last)
+                nset = last
+        else:
+            kept = _ranks_before(key, valid, last)
+            nset = last
         rest = tl.zeros([NKB], tl.int8) + tl.load(Table + NCUT).to(tl.int8)
         tl.store(Out + row * nkb + idx, rest, mask=valid & ~kept)
         scratch = Scratch + row.to(tl.int64) * CAND
@@ -185,13 +213,15 @@ def _topk_levels_kernel(Scores, Cuts, Table, Out, Scratch, nkb, NCUT: tl.constex
         tl.store(scratch + slot, (key.to(tl.int64) << 32) | idx.to(tl.int64), mask=kept)
         tl.debug_barrier()  # the packed row, written by every thread, is read by every thread
         c = tl.arange(0, CAND)
-        cvalid = c < last
+        cvalid = c < nset
         packed = tl.load(scratch + c, mask=cvalid, other=0)
         ckey = (packed >> 32).to(tl.int32)
         cidx = (packed & 0xFFFFFFFF).to(tl.int32)
         interval = tl.zeros([CAND], tl.int32)
         for j in tl.static_range(NCUT - 1):
             interval += (~_ranks_before(ckey, cvalid, tl.load(Cuts + j).to(tl.int32))).to(tl.int32)
+        if SAMPLE > 0:  # a pivot set may hold blocks ranked after the last cut
+            interval += (~_ranks_before(ckey, cvalid, last)).to(tl.int32)
         lv = tl.load(Table + interval, mask=cvalid, other=0)
         tl.store(Out + row * nkb + cidx, lv.to(tl.int8), mask=cvalid)
 
@@ -225,8 +255,9 @@ def assign_levels_triton(scores: torch.Tensor, cfg: PSAConfig,
 
     ``rank``, how topk rows are ranked (:data:`RANKINGS`; thresholdbound rows are always
     sorted): "bisect" finds each rank where the level changes by a bisection over the row,
-    "compact" finds the last one so and the others among the blocks kept, "sort" sorts the
-    row; by default "bisect" for at most :data:`SELECT_CUTS` such ranks, "compact" when the
+    "compact" finds the last one so and the others among the blocks kept, "sample" finds them
+    all among the blocks at or above a pivot read off a sample of the row (falling back to
+    "compact" for rows where the pivot misses), "sort" sorts the row; by default "bisect" for at most :data:`SELECT_CUTS` such ranks, "compact" when the
     last keeps at most :data:`COMPACT_SHARE` of the row, else "sort". Cumulative sums are
     taken in another order than torch's, so a thresholdbound block whose preceding mass lies
     within rounding of a range boundary may land on the other side."""
@@ -244,11 +275,16 @@ def assign_levels_triton(scores: torch.Tensor, cfg: PSAConfig,
                     "compact" if last <= COMPACT_SHARE * nkb else "sort")
         if rank != "sort":
             nkb_pow2 = triton.next_power_of_2(nkb)
-            cand = triton.next_power_of_2(last) if rank == "compact" and ncut else 0
+            cand = 0
+            if ncut and rank == "compact":
+                cand = triton.next_power_of_2(last)
+            elif ncut and rank == "sample":
+                cand = triton.next_power_of_2(last + last // 4 + 1)
             rows = scores.numel() // nkb
             scratch = torch.empty(rows * cand if cand else 1, dtype=torch.int64, device=scores.device)
             _topk_levels_kernel[(rows,)](
                 scores, cuts, table, out, scratch, nkb, NCUT=ncut, NKB=nkb_pow2, CAND=cand,
+                SAMPLE=PIVOT_SAMPLE if cand and rank == "sample" else 0,
                 num_warps=num_warps or (1 if nkb_pow2 <= 2048 else 2))
             _text_full(out, text_q_blocks, text_k_blocks)
             return out

@@ -244,6 +244,7 @@ COUNT_FIELDS = ("regular1", "regular2", "regular4", "regular8", "masked", "seg2"
 _RECORD = tl.constexpr(len(COUNT_FIELDS))  # the record's length, as the kernels see it
 
 
+SCHEDULE_CHUNK = 64  # tiles of a level written per step of the schedule kernel
 TILE_WIDTH = 64  # pyramid rows per kernel tile (benchmarks/NOTES.md, change 18)
 SUB_SHIFT = 4    # a tile's level code: level | (sub-tile of its key block << SUB_SHIFT)
 _SUB = tl.constexpr(SUB_SHIFT)
@@ -265,11 +266,11 @@ def level_split(n: int, p: int, tile_n: int, packed: bool) -> tuple[int, int]:
 
 
 @triton.jit
-def _schedule_level(lv, kb, nkb, Segs, TileLevel, TileSeg, seg_at, reg_at, flag_at, tail_block, last_tile,
-                    P: tl.constexpr, BASE, N: tl.constexpr, PER_TILE: tl.constexpr, SPLIT: tl.constexpr,
-                    MAX_T: tl.constexpr, ALWAYS_MASKED: tl.constexpr, FOLD: tl.constexpr):
-    """Append the key blocks of level P to one row's segment list, PER_TILE segments a tile
-    (or, when a block is wider than a tile, SPLIT tiles a segment).
+def _schedule_tiles(Segs, TileLevel, TileSeg, cnt, seg_at, reg_at, flag_at, holds_tail, last_tile,
+                    P: tl.constexpr, PER_TILE: tl.constexpr, SPLIT: tl.constexpr, ALWAYS_MASKED: tl.constexpr,
+                    FOLD: tl.constexpr, TCH: tl.constexpr):
+    """The tiles of level P, whose ``cnt`` key blocks fill the segment list from ``seg_at``,
+    PER_TILE segments a tile (or, when a block is wider than a tile, SPLIT tiles a segment).
 
     A tile whose columns are whole groups of P real keys is *regular* and goes to the front
     of the tile list; with FOLD that includes the level's last tile when its only flaw is
@@ -277,15 +278,10 @@ def _schedule_level(lv, kb, nkb, Segs, TileLevel, TileSeg, seg_at, reg_at, flag_
     The others (the last tile of the level when it holds the partial last key block, or,
     without FOLD, has empty slots; every tile when ALWAYS_MASKED) are *masked* and go to the
     back, filled from ``last_tile`` down, so the kernel meets each kind in a loop of its own.
-    Returns (segments, regular tiles, masked tiles, key blocks) added."""
-    sel = (lv == P) & (kb < nkb)
-    cnt = tl.sum(sel.to(tl.int32), 0)
-    pos = tl.cumsum(sel.to(tl.int32), 0) - 1
-    tl.store(Segs + seg_at + pos, BASE + kb * (N // P), mask=sel)
+    Empty slots of the last tile get -1. Returns (segment slots, regular tiles, masked tiles)."""
     groups = (cnt + PER_TILE - 1) // PER_TILE  # tiles, counting each block's sub-tiles once
     pad = tl.arange(0, PER_TILE)
     tl.store(Segs + seg_at + cnt + pad, -1, mask=pad < groups * PER_TILE - cnt)
-    holds_tail = tl.sum((sel & (kb == tail_block)).to(tl.int32), 0) > 0
     # the tail block comes last in its level: its sub-tiles are the level's last tiles
     if FOLD:
         last_masked = holds_tail & (groups > 0)
@@ -294,11 +290,18 @@ def _schedule_level(lv, kb, nkb, Segs, TileLevel, TileSeg, seg_at, reg_at, flag_
     ntiles = groups * SPLIT
     nmasked = ntiles if ALWAYS_MASKED else last_masked.to(tl.int32) * SPLIT
     nregular = ntiles - nmasked
-    t = tl.arange(0, MAX_T)
-    slot = tl.where(t < nregular, reg_at + t, last_tile - (flag_at + t - nregular))
-    tl.store(TileLevel + slot, P | ((t % SPLIT) << _SUB), mask=t < ntiles)
-    tl.store(TileSeg + slot, seg_at + (t // SPLIT) * PER_TILE, mask=t < ntiles)
-    return groups * PER_TILE, nregular, nmasked, cnt
+    for t0 in range(0, ntiles, TCH):  # the row's real tiles only, not the worst case
+        t = t0 + tl.arange(0, TCH)
+        slot = tl.where(t < nregular, reg_at + t, last_tile - (flag_at + t - nregular))
+        tl.store(TileLevel + slot, P | ((t % SPLIT) << _SUB), mask=t < ntiles)
+        tl.store(TileSeg + slot, seg_at + (t // SPLIT) * PER_TILE, mask=t < ntiles)
+    return groups * PER_TILE, nregular, nmasked
+
+
+@triton.jit
+def _pick(lv, a1, a2, a4, a8):
+    """Per key block, the value of its level (a1 for level 1, ...)."""
+    return tl.where(lv == 1, a1, tl.where(lv == 2, a2, tl.where(lv == 4, a4, a8)))
 
 
 @triton.jit
@@ -306,39 +309,56 @@ def _schedule_kernel(Levels, Segs, TileLevel, TileSeg, Counts, nkb, tail_block, 
                      B2, B4, B8, N: tl.constexpr, NKB: tl.constexpr,
                      PT1: tl.constexpr, PT2: tl.constexpr, PT4: tl.constexpr, PT8: tl.constexpr,
                      SP1: tl.constexpr, SP2: tl.constexpr, SP4: tl.constexpr, SP8: tl.constexpr,
-                     MT1: tl.constexpr, MT2: tl.constexpr, MT4: tl.constexpr, MT8: tl.constexpr,
                      AM1: tl.constexpr, AM2: tl.constexpr, AM4: tl.constexpr, AM8: tl.constexpr,
-                     FOLD: tl.constexpr):
+                     FOLD: tl.constexpr, TCH: tl.constexpr):
     # One program: one (batch, head, query block) row. Segment positions inside the row are
     # relative (TileSeg holds row-relative offsets), so rows never look at each other.
+    # One scan ranks every block within its level: the four levels' indicators are packed
+    # into 16-bit fields of one int64 (a row has fewer than 2**16 key blocks).
     row = tl.program_id(0)
     kb = tl.arange(0, NKB)
-    lv = tl.load(Levels + row * s_lv + kb, mask=kb < nkb, other=0).to(tl.int32)
+    inside = kb < nkb
+    lv = tl.load(Levels + row * s_lv + kb, mask=inside, other=0).to(tl.int32)
+    shift = _pick(lv, 0, 16, 32, 48).to(tl.int64)
+    ind = tl.where((lv != 0) & inside, tl.full([NKB], 1, tl.int64) << shift, 0)
+    rank = tl.cumsum(ind, 0)
+    total = tl.sum(ind, 0)
+    c1 = (total & 0xFFFF).to(tl.int32)
+    c2 = ((total >> 16) & 0xFFFF).to(tl.int32)
+    c4 = ((total >> 32) & 0xFFFF).to(tl.int32)
+    c8 = ((total >> 48) & 0xFFFF).to(tl.int32)
+    s2 = (c1 + PT1 - 1) // PT1 * PT1  # each level's segments start at a whole tile
+    s4 = s2 + (c2 + PT2 - 1) // PT2 * PT2
+    s8 = s4 + (c4 + PT4 - 1) // PT4 * PT4
+    pos = ((rank >> shift) & 0xFFFF).to(tl.int32) - 1
+    seg_at = _pick(lv, 0, s2, s4, s8)
+    first_row = _pick(lv, kb * N, B2 + kb * (N // 2), B4 + kb * (N // 4), B8 + kb * (N // 8))
     segs = Segs + row * s_seg
+    tl.store(segs + seg_at + pos, first_row, mask=(lv != 0) & inside)
+    tail_lv = tl.load(Levels + row * s_lv + tl.maximum(tail_block, 0)).to(tl.int32)
+    tail_lv = tl.where(tail_block >= 0, tail_lv, 0)
     tlev = TileLevel + row * s_tile
     tseg = TileSeg + row * s_tile
     last = s_tile - 1
+    _, r1, m1 = _schedule_tiles(segs, tlev, tseg, c1, 0, 0, 0, tail_lv == 1, last, 1, PT1, SP1, AM1, FOLD, TCH)
+    _, r2, m2 = _schedule_tiles(segs, tlev, tseg, c2, s2, r1, m1, tail_lv == 2, last, 2, PT2, SP2, AM2, FOLD, TCH)
+    _, r4, m4 = _schedule_tiles(segs, tlev, tseg, c4, s4, r1 + r2, m1 + m2, tail_lv == 4, last,
+                                4, PT4, SP4, AM4, FOLD, TCH)
+    _, r8, m8 = _schedule_tiles(segs, tlev, tseg, c8, s8, r1 + r2 + r4, m1 + m2 + m4, tail_lv == 8, last,
+                                8, PT8, SP8, AM8, FOLD, TCH)
     rec = Counts + row * _RECORD
-    n1, r1, m1, c1 = _schedule_level(lv, kb, nkb, segs, tlev, tseg, 0, 0, 0, tail_block, last, 1, 0, N,
-                                     PT1, SP1, MT1, AM1, FOLD)
-    tl.store(rec + 5, n1)
-    n2, r2, m2, c2 = _schedule_level(lv, kb, nkb, segs, tlev, tseg, n1, r1, m1, tail_block, last, 2, B2, N,
-                                     PT2, SP2, MT2, AM2, FOLD)
-    tl.store(rec + 6, n1 + n2)
-    n4, r4, m4, c4 = _schedule_level(lv, kb, nkb, segs, tlev, tseg, n1 + n2, r1 + r2, m1 + m2, tail_block, last,
-                                     4, B4, N, PT4, SP4, MT4, AM4, FOLD)
-    tl.store(rec + 7, n1 + n2 + n4)
-    _, r8, m8, c8 = _schedule_level(lv, kb, nkb, segs, tlev, tseg, n1 + n2 + n4, r1 + r2 + r4, m1 + m2 + m4,
-                                    tail_block, last, 8, B8, N, PT8, SP8, MT8, AM8, FOLD)
-    tl.store(rec + 8, c1)
-    tl.store(rec + 9, c2)
-    tl.store(rec + 10, c4)
-    tl.store(rec + 11, c8)
     tl.store(rec + 0, r1)
     tl.store(rec + 1, r2)
     tl.store(rec + 2, r4)
     tl.store(rec + 3, r8)
     tl.store(rec + 4, m1 + m2 + m4 + m8)
+    tl.store(rec + 5, s2)
+    tl.store(rec + 6, s4)
+    tl.store(rec + 7, s8)
+    tl.store(rec + 8, c1)
+    tl.store(rec + 9, c2)
+    tl.store(rec + 10, c4)
+    tl.store(rec + 11, c8)
 
 
 def _schedule_shape(nkb: int, n: int, packed: bool, tn: int):
@@ -371,9 +391,11 @@ def build_schedule(levels: torch.Tensor, pyr: Pyramid, packed: bool, tile_n: int
     nothing is read back to the host. One warp a row up to 512 key blocks, else four (H100
     probe, benchmarks/NOTES.md change 25)."""
     B, H, nqb, nkb = levels.shape
+    if nkb >= 1 << 16:
+        raise ValueError(f"{nkb} key blocks in a row; allowed: fewer than {1 << 16} (a larger block_size.n)")
     n = pyr.n
     tn = tile_n or tile_width(n)
-    per_tile, split, max_t, max_segs, max_tiles = _schedule_shape(nkb, n, packed, tn)
+    per_tile, split, _, max_segs, max_tiles = _schedule_shape(nkb, n, packed, tn)
     dev = levels.device
     lv = levels.reshape(B * H * nqb, nkb)
     if lv.stride(-1) != 1:
@@ -391,9 +413,8 @@ def build_schedule(levels: torch.Tensor, pyr: Pyramid, packed: bool, tile_n: int
         pyr.base[2], pyr.base[4], pyr.base[8], N=n, NKB=p2(nkb),
         PT1=per_tile[1], PT2=per_tile[2], PT4=per_tile[4], PT8=per_tile[8],
         SP1=split[1], SP2=split[2], SP4=split[4], SP8=split[8],
-        MT1=p2(max_t[1]), MT2=p2(max_t[2]), MT4=p2(max_t[4]), MT8=p2(max_t[8]),
         AM1=always_masked[1], AM2=always_masked[2], AM4=always_masked[4], AM8=always_masked[8],
-        FOLD=fold, num_warps=num_warps or (1 if nkb <= 512 else 4))
+        FOLD=fold, TCH=SCHEDULE_CHUNK, num_warps=num_warps or (1 if nkb <= 512 else 4))
     return Schedule(tile_level, tile_seg, counts, segs, tn, packed, fold)
 
 

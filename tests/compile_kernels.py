@@ -64,10 +64,11 @@ def variants():
         yield (f"levels threshold={threshold} nkb={nkb}", levels._assign_levels_kernel,
                {"Scores": "fp32", "Order": "i64", "Out": "i8"}, bounds,
                dict(THRESHOLD=threshold, NKB=nkb, PRESORTED=presorted), {})
-    for nkb, ncut, cand, warps in ((1024, 1, 0, 1), (1024, 4, 256, 1), (4096, 4, 1024, 4)):
-        yield (f"topk levels nkb={nkb} cuts={ncut} cand={cand}", levels._topk_levels_kernel,
+    for nkb, ncut, cand, sample, warps in ((1024, 1, 0, 0, 1), (1024, 4, 256, 0, 1), (4096, 4, 1024, 0, 4),
+                                           (4096, 4, 1024, levels.PIVOT_SAMPLE, 2)):
+        yield (f"topk levels nkb={nkb} cuts={ncut} cand={cand} sample={sample}", levels._topk_levels_kernel,
                {"Scores": "fp32", "Cuts": "i64", "Table": "i64", "Out": "i8", "Scratch": "i64"}, (),
-               dict(NCUT=ncut, NKB=nkb, CAND=cand), {"num_warps": warps})
+               dict(NCUT=ncut, NKB=nkb, CAND=cand, SAMPLE=sample), {"num_warps": warps})
     for with_sim, with_pyramid in ((False, True), (True, True), (True, False)):
         yield (f"pyramid build sim={with_sim} pyramid={with_pyramid}", pyramid._pyramid_build_kernel,
                {"K": "bf16", "V": "bf16", "KP": "bf16", "VP": "bf16", "Bias": "fp32",
@@ -78,11 +79,10 @@ def variants():
     for n, nkb in ((32, 1024), (128, 256)):  # packed levels; level-1 blocks split over two tiles
         pt = {p: pyramid.level_split(n, p, 64, True)[0] for p in (1, 2, 4, 8)}
         sp = {p: pyramid.level_split(n, p, 64, True)[1] for p in (1, 2, 4, 8)}
-        mt = {p: triton.next_power_of_2(-(-nkb // pt[p]) * sp[p]) for p in (1, 2, 4, 8)}
         yield (f"schedule n{n}", pyramid._schedule_kernel,
                {"Levels": "i8", "Segs": "i32", "TileLevel": "i32", "TileSeg": "i32", "Counts": "i32"}, (),
                dict(N=n, NKB=nkb, **{f"PT{p}": pt[p] for p in pt}, **{f"SP{p}": sp[p] for p in sp},
-                    **{f"MT{p}": mt[p] for p in mt}, AM1=False, AM2=False, AM4=False, AM8=False, FOLD=True),
+                    AM1=False, AM2=False, AM4=False, AM8=False, FOLD=True, TCH=pyramid.SCHEDULE_CHUNK),
                {})
     for m, n, packed, d, fold in ((128, 128, True, 128, True), (128, 64, True, 128, True),
                                   (128, 32, True, 128, True), (128, 32, True, 128, False),

@@ -619,3 +619,10 @@ def test_psa_attention_under_torch_compile_matches_eager():
 
     compiled = torch.compile(block, backend="eager", fullgraph=False)
     torch.testing.assert_close(compiled(q), block(q))
+
+
+def test_schedule_refuses_rows_past_its_counters():
+    # the schedule ranks blocks in 16-bit fields: a row of 2**16 key blocks is refused by name
+    levels = torch.ones(1, 1, 1, 1 << 16, dtype=torch.int8)
+    with pytest.raises(ValueError, match="key blocks in a row; allowed: fewer than 65536"):
+        pyramid.build_schedule(levels, None, packed=True)

@@ -461,6 +461,9 @@ def test_triton_levels_of_long_rows_match_torch(mode, ratios, nkb, presort_above
                                presort_above=presort_above).cpu()
     assert got.dtype == torch.int8
     assert torch.equal(got, want)
+    if mode == "topk":  # a sampled pivot: hits on smooth rows, falls back on the row of ties
+        got = assign_levels_triton(scores.to(device), cfg, text_k_blocks=text_k.to(device), rank="sample")
+        assert torch.equal(got.cpu(), want)
 
 
 # ----------------------------------------------------------------------------- topk by selection
@@ -469,7 +472,8 @@ def test_triton_levels_of_long_rows_match_torch(mode, ratios, nkb, presort_above
 @pytest.mark.parametrize("nkb", [1, 7, 64, 300])
 def test_topk_levels_by_selection_match_the_sorted_ranking(ratios, nkb, device):
     # The topk kernel finds each level boundary's rank by bisection instead of sorting (over
-    # the whole row, or the last one so and the others among the blocks packed before it). On
+    # the whole row, or among a packed set of blocks: those before the last boundary, or
+    # those at or above a pivot from a sample of the row). On
     # rows with many ties, ties at zero, negative and -0.0 scores, every ranking must give the
     # torch reference's levels (stable descending order: the lower block index ranks first).
     gen = torch.Generator().manual_seed(nkb)
@@ -480,7 +484,7 @@ def test_topk_levels_by_selection_match_the_sorted_ranking(ratios, nkb, device):
     scores[0, 1, 1] = -torch.rand(nkb, generator=gen)    # all negative
     cfg = _cfg(ratios, "topk")
     want = assign_levels(scores, cfg)
-    for rank in ("bisect", "compact", "sort", None):
+    for rank in ("bisect", "compact", "sample", "sort", None):
         got = assign_levels_triton(scores.to(device), cfg, rank=rank).cpu()
         assert got.dtype == torch.int8
         assert torch.equal(got, want), rank
@@ -495,5 +499,5 @@ def test_topk_rank_table_changes_where_the_ranges_do():
     assert table.tolist() == [1, 2, 4, 8, 0]
     cuts, table, _ = levels_mod._topk_table(10, _cfg({0: [0.0, 1.0]}, "topk"), "cpu")
     assert cuts.tolist() == [1] and table.tolist() == [1, 0]  # the best block keeps level 1
-    with pytest.raises(ValueError, match="rank 'quick'; allowed: sort, bisect, compact"):
+    with pytest.raises(ValueError, match="rank 'quick'; allowed: sort, bisect, compact, sample"):
         assign_levels_triton(torch.rand(1, 1, 2, 10), cfg, rank="quick")
