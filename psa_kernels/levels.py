@@ -33,6 +33,10 @@ COMPACT_SHARE = 0.5
 # 480p the bisections over the set cost more than they save.
 PIVOT_SAMPLE = 256
 SAMPLE_ROWS = 2048
+# Warps of _topk_set_kernel: one (H100, change 28: 720p psa_topk rows 0.72 -> 0.51 ms with
+# the set in a kernel of its own, against 0.61-0.75 ms with 2-8 warps); the first kernel of
+# "sample" gets one warp per 512 slots of the row.
+SET_WARPS = 1
 RANKINGS = ("sort", "bisect", "compact", "sample")
 
 
@@ -179,8 +183,8 @@ def _sampled_pivot_set(Scores, row, nkb, key, valid, last, CAND: tl.constexpr, S
 
 
 @triton.jit
-def _topk_levels_kernel(Scores, Cuts, Table, Out, Scratch, nkb, NCUT: tl.constexpr, NKB: tl.constexpr,
-                        CAND: tl.constexpr, SAMPLE: tl.constexpr):
+def _topk_levels_kernel(Scores, Cuts, Table, Out, Scratch, Nset, nkb, NCUT: tl.constexpr, NKB: tl.constexpr,
+                        CAND: tl.constexpr, SAMPLE: tl.constexpr, SPLIT: tl.constexpr):
     # One program: one (batch, head, query block) row, without sorting it. A topk level
     # depends only on the block's rank, and the rank table changes level at NCUT ranks
     # (Cuts, ascending). A block's level is Table[number of cuts it does not rank before].
@@ -189,7 +193,8 @@ def _topk_levels_kernel(Scores, Cuts, Table, Out, Scratch, nkb, NCUT: tl.constex
     # into this row's Scratch, and the cuts are found among those only; the rest take the
     # last level. The set: with SAMPLE, the blocks at or above a pivot from a sample of the
     # row (one counting pass) when that holds between last and CAND blocks; otherwise, or
-    # without SAMPLE, exactly the blocks ranked before the last cut (a bisection).
+    # without SAMPLE, exactly the blocks ranked before the last cut (a bisection). With SPLIT
+    # the set's size goes to Nset and _topk_set_kernel finds the cuts.
     row = tl.program_id(0)
     idx = tl.arange(0, NKB)
     valid = idx < nkb
@@ -215,19 +220,41 @@ def _topk_levels_kernel(Scores, Cuts, Table, Out, Scratch, nkb, NCUT: tl.constex
         scratch = Scratch + row.to(tl.int64) * CAND
         slot = tl.cumsum(kept.to(tl.int32), 0) - 1  # keeps the index order, so ties still resolve by index
         tl.store(scratch + slot, (key.to(tl.int64) << 32) | idx.to(tl.int64), mask=kept)
-        tl.debug_barrier()  # the packed row, written by every thread, is read by every thread
-        c = tl.arange(0, CAND)
-        cvalid = c < nset
-        packed = tl.load(scratch + c, mask=cvalid, other=0)
-        ckey = (packed >> 32).to(tl.int32)
-        cidx = (packed & 0xFFFFFFFF).to(tl.int32)
-        interval = tl.zeros([CAND], tl.int32)
-        for j in tl.static_range(NCUT - 1):
-            interval += (~_ranks_before(ckey, cvalid, tl.load(Cuts + j).to(tl.int32))).to(tl.int32)
-        if SAMPLE > 0:  # a pivot set may hold blocks ranked after the last cut
-            interval += (~_ranks_before(ckey, cvalid, last)).to(tl.int32)
-        lv = tl.load(Table + interval, mask=cvalid, other=0)
-        tl.store(Out + row * nkb + cidx, lv.to(tl.int8), mask=cvalid)
+        if SPLIT:  # the set's levels in a kernel of its own (_topk_set_kernel)
+            tl.store(Nset + row, nset)
+        else:
+            tl.debug_barrier()  # the packed row, written by every thread, is read by every thread
+            _levels_of_set(Scratch, row, nset, last, Cuts, Table, Out, nkb, NCUT, CAND, SAMPLE)
+
+
+@triton.jit
+def _levels_of_set(Scratch, row, nset, last, Cuts, Table, Out, nkb, NCUT: tl.constexpr, CAND: tl.constexpr,
+                   SAMPLE: tl.constexpr):
+    """Levels of the nset blocks packed in a row's Scratch ((key << 32) | block index, in
+    index order), which hold every block ranked before the last cut."""
+    c = tl.arange(0, CAND)
+    cvalid = c < nset
+    packed = tl.load(Scratch + row.to(tl.int64) * CAND + c, mask=cvalid, other=0)
+    ckey = (packed >> 32).to(tl.int32)
+    cidx = (packed & 0xFFFFFFFF).to(tl.int32)
+    interval = tl.zeros([CAND], tl.int32)
+    for j in tl.static_range(NCUT - 1):
+        interval += (~_ranks_before(ckey, cvalid, tl.load(Cuts + j).to(tl.int32))).to(tl.int32)
+    if SAMPLE > 0:  # a pivot set may hold blocks ranked after the last cut
+        interval += (~_ranks_before(ckey, cvalid, last)).to(tl.int32)
+    lv = tl.load(Table + interval, mask=cvalid, other=0)
+    tl.store(Out + row * nkb + cidx, lv.to(tl.int8), mask=cvalid)
+
+
+@triton.jit
+def _topk_set_kernel(Scratch, Nset, Cuts, Table, Out, nkb, NCUT: tl.constexpr, CAND: tl.constexpr,
+                     SAMPLE: tl.constexpr):
+    # One program: the packed set of one row, after _topk_levels_kernel with SPLIT. Apart
+    # from the whole row's registers, many more rows share a multiprocessor (benchmarks/NOTES.md
+    # change 28).
+    row = tl.program_id(0)
+    _levels_of_set(Scratch, row, tl.load(Nset + row), tl.load(Cuts + NCUT - 1).to(tl.int32), Cuts, Table, Out,
+                   nkb, NCUT, CAND, SAMPLE)
 
 
 _TOPK_TABLES: dict = {}
@@ -254,17 +281,21 @@ def assign_levels_triton(scores: torch.Tensor, cfg: PSAConfig,
                          text_q_blocks: torch.Tensor | None = None,
                          text_k_blocks: torch.Tensor | None = None,
                          num_warps: int | None = None, presort_above: int | None = None,
-                         rank: str | None = None) -> torch.Tensor:
+                         rank: str | None = None, split_set: bool | None = None,
+                         set_warps: int | None = None) -> torch.Tensor:
     """Same levels as :func:`assign_levels`, one Triton program per row.
 
     ``rank``, how topk rows are ranked (:data:`RANKINGS`; thresholdbound rows are always
     sorted): "bisect" finds each rank where the level changes by a bisection over the row,
     "compact" finds the last one so and the others among the blocks kept, "sample" finds them
     all among the blocks at or above a pivot read off a sample of the row (falling back to
-    "compact" for rows where the pivot misses), "sort" sorts the row; by default "bisect" for at most :data:`SELECT_CUTS` such ranks, "compact" when the
-    last keeps at most :data:`COMPACT_SHARE` of the row, else "sort". Cumulative sums are
-    taken in another order than torch's, so a thresholdbound block whose preceding mass lies
-    within rounding of a range boundary may land on the other side."""
+    "compact" for rows where the pivot misses), "sort" sorts the row. By default "sample" for
+    rows of at least :data:`SAMPLE_ROWS` blocks, else "bisect" for at most
+    :data:`SELECT_CUTS` such ranks; then "compact" when the last keeps at most
+    :data:`COMPACT_SHARE` of the row, else "sort". ``split_set``: the packed set's cuts in a
+    second kernel (default: with "sample"). Cumulative sums are taken in another order than
+    torch's, so a thresholdbound block whose preceding mass lies within rounding of a range
+    boundary may land on the other side."""
     if rank is not None and rank not in RANKINGS:
         raise ValueError(f"rank {rank!r}; allowed: {', '.join(RANKINGS)}")
     nkb = scores.shape[-1]
@@ -288,10 +319,16 @@ def assign_levels_triton(scores: torch.Tensor, cfg: PSAConfig,
                 cand = triton.next_power_of_2(last + last // 4 + 1)
             rows = scores.numel() // nkb
             scratch = torch.empty(rows * cand if cand else 1, dtype=torch.int64, device=scores.device)
+            sample = PIVOT_SAMPLE if cand and rank == "sample" else 0
+            split = bool(sample) if split_set is None else bool(split_set and cand)
+            nset = torch.empty(rows if split else 1, dtype=torch.int32, device=scores.device)
             _topk_levels_kernel[(rows,)](
-                scores, cuts, table, out, scratch, nkb, NCUT=ncut, NKB=nkb_pow2, CAND=cand,
-                SAMPLE=PIVOT_SAMPLE if cand and rank == "sample" else 0,
-                num_warps=num_warps or (1 if nkb_pow2 <= 2048 else 2))  # H100 probes, changes 21, 28
+                scores, cuts, table, out, scratch, nset, nkb, NCUT=ncut, NKB=nkb_pow2, CAND=cand,
+                SAMPLE=sample, SPLIT=split,
+                num_warps=num_warps or (nkb_pow2 // 512 if sample else 1 if nkb_pow2 <= 2048 else 2))
+            if split:
+                _topk_set_kernel[(rows,)](scratch, nset, cuts, table, out, nkb, NCUT=ncut, CAND=cand, SAMPLE=sample,
+                                          num_warps=set_warps or SET_WARPS)
             _text_full(out, text_q_blocks, text_k_blocks)
             return out
     bounds = []

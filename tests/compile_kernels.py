@@ -67,8 +67,11 @@ def variants():
     for nkb, ncut, cand, sample, warps in ((1024, 1, 0, 0, 1), (1024, 4, 256, 0, 1), (4096, 4, 1024, 0, 4),
                                            (4096, 4, 1024, levels.PIVOT_SAMPLE, 2)):
         yield (f"topk levels nkb={nkb} cuts={ncut} cand={cand} sample={sample}", levels._topk_levels_kernel,
-               {"Scores": "fp32", "Cuts": "i64", "Table": "i64", "Out": "i8", "Scratch": "i64"}, (),
-               dict(NCUT=ncut, NKB=nkb, CAND=cand, SAMPLE=sample), {"num_warps": warps})
+               {"Scores": "fp32", "Cuts": "i64", "Table": "i64", "Out": "i8", "Scratch": "i64", "Nset": "i32"}, (),
+               dict(NCUT=ncut, NKB=nkb, CAND=cand, SAMPLE=sample, SPLIT=bool(sample)), {"num_warps": warps})
+    yield ("topk set levels cuts=4 cand=1024", levels._topk_set_kernel,
+           {"Scratch": "i64", "Nset": "i32", "Cuts": "i64", "Table": "i64", "Out": "i8"}, (),
+           dict(NCUT=4, CAND=1024, SAMPLE=levels.PIVOT_SAMPLE), {"num_warps": levels.SET_WARPS})
     for with_sim, with_pyramid in ((False, True), (True, True), (True, False)):
         yield (f"pyramid build sim={with_sim} pyramid={with_pyramid}", pyramid._pyramid_build_kernel,
                {"K": "bf16", "V": "bf16", "KP": "bf16", "VP": "bf16", "Bias": "fp32",
