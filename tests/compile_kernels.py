@@ -65,7 +65,7 @@ def variants():
                {"Scores": "fp32", "Order": "i64", "Out": "i8"}, bounds,
                dict(THRESHOLD=threshold, NKB=nkb, PRESORTED=presorted), {})
     for nkb, ncut, cand, sample, warps in ((1024, 1, 0, 0, 1), (1024, 4, 256, 0, 1), (4096, 4, 1024, 0, 4),
-                                           (4096, 4, 1024, levels.PIVOT_SAMPLE, 2)):
+                                           (4096, 4, 1024, levels.PIVOT_SAMPLE, 8)):
         yield (f"topk levels nkb={nkb} cuts={ncut} cand={cand} sample={sample}", levels._topk_levels_kernel,
                {"Scores": "fp32", "Cuts": "i64", "Table": "i64", "Out": "i8", "Scratch": "i64", "Nset": "i32"}, (),
                dict(NCUT=ncut, NKB=nkb, CAND=cand, SAMPLE=sample, SPLIT=bool(sample)), {"num_warps": warps})
