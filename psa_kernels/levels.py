@@ -325,7 +325,7 @@ def assign_levels_triton(scores: torch.Tensor, cfg: PSAConfig,
             _topk_levels_kernel[(rows,)](
                 scores, cuts, table, out, scratch, nset, nkb, NCUT=ncut, NKB=nkb_pow2, CAND=cand,
                 SAMPLE=sample, SPLIT=split,
-                num_warps=num_warps or (nkb_pow2 // 512 if sample else 1 if nkb_pow2 <= 2048 else 2))
+                num_warps=num_warps or (max(1, nkb_pow2 // 512) if sample else 1 if nkb_pow2 <= 2048 else 2))
             if split:
                 _topk_set_kernel[(rows,)](scratch, nset, cuts, table, out, nkb, NCUT=ncut, CAND=cand, SAMPLE=sample,
                                           num_warps=set_warps or SET_WARPS)
