@@ -118,8 +118,7 @@ def _estimate_kernel(Q, K, Part, MaxAt, MaxEnd, Norm, QWeight, Perm, L, nqb, nkb
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(p, 1)
         m_i = m_new
-        sums = tl.sum(tl.reshape(p, [ROWS, KBLOCKS, SK]), 2)  # each in [0, SK]: relative to m_new
-        tl.store(part + (t * KBLOCKS + jk)[None, :], sums.to(Part.dtype.element_ty))
+        tl.store(part + (t * KBLOCKS + jk)[None, :], tl.sum(tl.reshape(p, [ROWS, KBLOCKS, SK]), 2))
         tl.store(max_at + t, m_new)
     # an empty run (more runs than tiles) leaves -inf and 0, which the reduction weighs as nothing
     tl.store(MaxEnd + rows * SPLITS + split, m_i)
@@ -154,7 +153,7 @@ def _estimate_reduce_kernel(Part, MaxAt, MaxEnd, Norm, QWeight, Out, nkb, ntiles
     for c in range(0, tl.cdiv(nkb, CHUNK)):
         kb = c * CHUNK + tl.arange(0, CHUNK)
         inside = kb < nkb
-        x = tl.load(part + kb[None, :], mask=inside[None, :], other=0.0).to(tl.float32)
+        x = tl.load(part + kb[None, :], mask=inside[None, :], other=0.0)
         t = c * TILES + tl.arange(0, TILES)
         at = tl.load(max_at + t[None, :], mask=(t < ntiles)[None, :], other=0.0)
         f = tl.exp2(at - end[:, None]) * w[:, None]  # [SQ, TILES]
@@ -196,19 +195,17 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def scratch_bytes_per_head(B: int, L: int, m: int, n: int, rows: int = 128, tile: int = 128,
-                           splits: int = MAX_SPLITS, sum_bytes: int = 2) -> int:
+                           splits: int = MAX_SPLITS) -> int:
     """Device memory :func:`estimate_triton` holds while it runs, per head (B batch entries;
-    at most, with the most runs of key tiles; ``sum_bytes`` per block sum: 2 for the default
-    float16 scratch)."""
+    at most, with the most runs of key tiles)."""
     _, kblocks, _, ntiles, sampled = _launch_shape(L, m, n, rows, tile)
-    return B * sampled * (ntiles * kblocks * sum_bytes + (ntiles + 2 * splits + 1) * 4)
+    return B * sampled * (ntiles * kblocks + ntiles + 2 * splits + 1) * 4
 
 
 def estimate_triton(q: torch.Tensor, k: torch.Tensor, m: int, n: int,
                     perm: torch.Tensor | None = None, rows: int = 128, tile: int = 128,
                     num_warps: int | None = None, heads_per_pass: int | None = None,
-                    num_stages: int | None = None, splits: int | None = None,
-                    scratch_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+                    num_stages: int | None = None, splits: int | None = None) -> torch.Tensor:
     """Same function as :func:`estimate_reference`, as Triton kernels. With ``perm`` the
     inputs are in the caller's order and are read as ``x[..., perm, :]`` without a copy.
     The launch defaults are the fastest of the H100 probes (benchmarks/NOTES.md); ``splits``
@@ -216,12 +213,7 @@ def estimate_triton(q: torch.Tensor, k: torch.Tensor, m: int, n: int,
 
     The one pass keeps, for every sampled query, its sums per key block until the query's
     softmax normaliser is known: :func:`scratch_bytes_per_head` per head, freed on return;
-    ``heads_per_pass`` bounds how many heads hold it at one time. Those sums are taken
-    relative to the query's running maximum, so each lies in [0, sampled keys per block], and
-    are kept in ``scratch_dtype``: float16 by default (half the traffic of float32, 2**-11
-    relative rounding; benchmarks/NOTES.md change 29), float32 for exact sums."""
-    if scratch_dtype not in (torch.float16, torch.float32):
-        raise ValueError(f"scratch_dtype {scratch_dtype}; allowed: torch.float16, torch.float32")
+    ``heads_per_pass`` bounds how many heads hold it at one time."""
     B, H, L, D = q.shape
     sq, sk = sample_counts(m, n)
     nqb, nkb = -(-L // m), -(-L // n)
@@ -237,7 +229,7 @@ def estimate_triton(q: torch.Tensor, k: torch.Tensor, m: int, n: int,
     if splits not in (1, 2, 4):
         raise ValueError(f"splits {splits}; allowed: 1, 2, 4")
     split_tiles = -(-ntiles // splits)
-    part = torch.empty((B * group, sampled, ntiles * kblocks), device=q.device, dtype=scratch_dtype)
+    part = torch.empty((B * group, sampled, ntiles * kblocks), device=q.device, dtype=torch.float32)
     max_at = torch.empty((B * group, sampled, ntiles), device=q.device, dtype=torch.float32)
     max_end = torch.empty((B * group, sampled, splits), device=q.device, dtype=torch.float32)
     norm = torch.empty_like(max_end)

@@ -400,8 +400,7 @@ ESTIMATE_CASES = [  # (grid, text_len, m, n, D, seed)
 def test_estimate_triton_matches_reference(grid, text_len, m, n, D, seed, device):
     q, k, _ = structured_qkv(grid, heads=2, head_dim=D, batch=2, text_len=text_len, seed=seed, device=device)
     ref = estimate.estimate_reference(q, k, m, n)
-    f32 = torch.float32  # block sums kept exactly; the default float16 scratch is checked below
-    got = estimate.estimate_triton(q, k, m, n, scratch_dtype=f32)
+    got = estimate.estimate_triton(q, k, m, n)
     assert got.shape == ref.shape and got.dtype == torch.float32
     assert torch.isfinite(got).all()
     # On a GPU tl.dot rounds fp32 inputs to tf32; the interpreter computes in fp32.
@@ -410,22 +409,13 @@ def test_estimate_triton_matches_reference(grid, text_len, m, n, D, seed, device
     # inputs in the caller's order, read through a permutation without a copy
     perm = torch.randperm(q.shape[2], generator=torch.Generator().manual_seed(seed)).to(device)
     ref_perm = estimate.estimate_reference(arrange(q, perm), arrange(k, perm), m, n)
-    torch.testing.assert_close(estimate.estimate_triton(q, k, m, n, perm, scratch_dtype=f32), ref_perm,
-                               atol=atol, rtol=0)
+    torch.testing.assert_close(estimate.estimate_triton(q, k, m, n, perm), ref_perm, atol=atol, rtol=0)
     # heads one at a time (a scratch of one head): the very same scores
-    assert torch.equal(estimate.estimate_triton(q, k, m, n, heads_per_pass=1, scratch_dtype=f32), got)
+    assert torch.equal(estimate.estimate_triton(q, k, m, n, heads_per_pass=1), got)
     # the key tiles in 1, 2 or 4 runs per program row (runs without tiles included at these
     # lengths): the same scores up to the order of the rescaling
     for splits in (1, 2, 4):
-        torch.testing.assert_close(estimate.estimate_triton(q, k, m, n, splits=splits, scratch_dtype=f32), ref,
-                                   atol=atol, rtol=0)
-    # float16 sums: each is rounded once (2**-11 relative), so every score is within 1e-3 of
-    # its own size of the exact-sum one
-    half = estimate.estimate_triton(q, k, m, n, perm)
-    exact = estimate.estimate_triton(q, k, m, n, perm, scratch_dtype=f32)
-    torch.testing.assert_close(half, exact, atol=1e-7, rtol=1e-3)
-    with pytest.raises(ValueError, match="scratch_dtype torch.bfloat16; allowed: torch.float16, torch.float32"):
-        estimate.estimate_triton(q, k, m, n, scratch_dtype=torch.bfloat16)
+        torch.testing.assert_close(estimate.estimate_triton(q, k, m, n, splits=splits), ref, atol=atol, rtol=0)
     B, H, L = q.shape[:3]
     if got.is_cuda:  # what the scratch takes, as scratch_bytes_per_head says
         torch.cuda.synchronize()
