@@ -105,7 +105,7 @@ DEFAULT_MASK_RATIOS = {1: (0.0, 0.4), 2: (0.4, 0.5), 4: (0.5, 0.6), 8: (0.6, 0.8
 
 _PRESET_FIELDS = ("type", "description", "use_rearrange", "use_sim_mask", "block_size",
                   "mask_ratios", "mask_mode", "attn_impl", "tile_size", "warmup_steps",
-                  "rearrange_method", "verbose", "sim_thresholds")
+                  "rearrange_method", "verbose", "sim_thresholds", "use_pooled_tail")
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,9 @@ class PSAConfig:
     rearrange_method: str = "Gilbert"
     verbose: bool = False
     sim_thresholds: SimThresholds = SimThresholds()
+    # Level-0 key blocks stay in the softmax as one mean-pooled key/value each (bias ln of the
+    # block's real keys) instead of being dropped.
+    use_pooled_tail: bool = False
     # Fields present in the dict this preset was read from; a dense preset writes back only these.
     given: frozenset = field(default=frozenset(_PRESET_FIELDS), compare=False, repr=False)
 
@@ -151,7 +154,7 @@ class PSAConfig:
         if "description" in d:
             desc = d["description"]
             kw["description"] = "" if desc is None else str(desc)
-        for name in ("use_rearrange", "use_sim_mask", "verbose"):
+        for name in ("use_rearrange", "use_sim_mask", "verbose", "use_pooled_tail"):
             if name in d:
                 kw[name] = _as_bool(d[name], p(name))
         if "block_size" in d:
@@ -228,6 +231,7 @@ class PSAConfig:
             "rearrange_method": self.rearrange_method,
             "verbose": self.verbose,
             "sim_thresholds": dataclasses.asdict(self.sim_thresholds),
+            "use_pooled_tail": self.use_pooled_tail,
         }
         if self.is_dense:
             keep = set(self.given) | {"type"}
