@@ -18,7 +18,8 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @dataclass
 class PSAStats:
-    """What one call did. Density = sum over block pairs of 1/p (p > 0) / number of pairs."""
+    """What one call did. Density = sum over block pairs of 1/p (p > 0) / number of pairs; with
+    a pooled tail a level-0 pair counts 1/n (one pooled key for its n keys)."""
     density: float                    # mean over batch, heads and query blocks
     density_per_head: torch.Tensor    # [H], mean over batch
     level_counts: dict                # level -> number of (query block, key block) pairs
@@ -34,13 +35,14 @@ class PSAPlan:
     video_len: int                    # video tokens, first in the arranged order
     backend: str
     pyramid: pyramid.Pyramid | None = None  # built while planning on the Triton path
+    tail_n: int = 0                   # key block size when level-0 blocks form a pooled tail
 
     def stats(self) -> PSAStats:
-        return _stats(self.levels)
+        return _stats(self.levels, self.tail_n)
 
 
-def _stats(levels: torch.Tensor) -> PSAStats:
-    dens = levels_mod.density(levels)  # [B, H]
+def _stats(levels: torch.Tensor, tail_n: int = 0) -> PSAStats:
+    dens = levels_mod.density(levels, tail_n)  # [B, H]
     counts = torch.bincount(levels.flatten().long(), minlength=9)
     return PSAStats(density=float(dens.mean()), density_per_head=dens.mean(0).cpu(),
                     level_counts={lvl: int(counts[lvl]) for lvl in (1, 2, 4, 8, 0)})
@@ -105,7 +107,7 @@ def psa_plan(q: torch.Tensor, k: torch.Tensor, cfg: PSAConfig, grid, text_len: i
         lv = levels_mod.assign_levels_triton(scores, cfg, text_q, text_k)
         if keep_pyramid or cfg.use_sim_mask:
             pyr, sim = pyramid.build_pyramid_triton(k, _unit_stride(v) if keep_pyramid else None, n, L,
-                                                    cfg.use_sim_mask, perm)
+                                                    cfg.use_sim_mask, perm, tail=cfg.use_pooled_tail)
     else:
         qa, ka = arrange(q, perm), arrange(k, perm)
         scores = estimate.estimate_reference(qa, ka, m, n)
@@ -114,7 +116,7 @@ def psa_plan(q: torch.Tensor, k: torch.Tensor, cfg: PSAConfig, grid, text_len: i
             sim = levels_mod.key_similarity(ka, n, L)
     if cfg.use_sim_mask:
         lv = levels_mod.apply_similarity_guard(lv, sim, cfg)
-    return PSAPlan(perm, inv, scores, lv, video_len, backend, pyr)
+    return PSAPlan(perm, inv, scores, lv, video_len, backend, pyr, n if cfg.use_pooled_tail else 0)
 
 
 # torch.compile (ComfyUI's TorchCompileModel included) leaves the call out of its graph: the
@@ -176,7 +178,8 @@ def _heads_that_fit(q: torch.Tensor, cfg: PSAConfig) -> int:
         return H
     m, n = cfg.block_size.m, cfg.block_size.n
     # the estimate's scratch is freed before the pyramid and the schedule are made
-    per_head = max(pyramid.attention_bytes_per_head(B, L, D, q.element_size(), m, n, cfg.attn_impl == "new_mask_type"),
+    per_head = max(pyramid.attention_bytes_per_head(B, L, D, q.element_size(), m, n, cfg.attn_impl == "new_mask_type",
+                                                    cfg.use_pooled_tail),
                    estimate.scratch_bytes_per_head(B, L, m, n))
     # the nested statistics: torch.cuda.memory_reserved() and memory_allocated() flatten all
     # of them first, which took 0.3 ms a call on the H100 machine's host
@@ -196,8 +199,10 @@ def _attend(q, k, v, cfg: PSAConfig, plan: PSAPlan, out: torch.Tensor | None = N
     if plan.backend == "triton":
         pyr = plan.pyramid
         if pyr is None:
-            pyr, _ = pyramid.build_pyramid_triton(_unit_stride(k), _unit_stride(v), n, L, perm=plan.perm)
+            pyr, _ = pyramid.build_pyramid_triton(_unit_stride(k), _unit_stride(v), n, L, perm=plan.perm,
+                                                  tail=cfg.use_pooled_tail)
         sched = pyramid.build_schedule(plan.levels, pyr, packed=cfg.attn_impl == "new_mask_type")
-        return pyramid.attention_triton(_unit_stride(q), pyr, sched, m, out=out, perm=plan.perm)
-    pyr = pyramid.build_pyramid(arrange(k, plan.perm), arrange(v, plan.perm), n, L)
+        return pyramid.attention_triton(_unit_stride(q), pyr, sched, m, out=out, perm=plan.perm,
+                                        levels=plan.levels)
+    pyr = pyramid.build_pyramid(arrange(k, plan.perm), arrange(v, plan.perm), n, L, tail=cfg.use_pooled_tail)
     return restore(pyramid.attention_reference(arrange(q, plan.perm), pyr, plan.levels, m), plan.inv)

@@ -69,7 +69,8 @@ def assign_levels(scores: torch.Tensor, cfg: PSAConfig,
     """Levels [B, H, nqb, nkb] (int8) from block scores [B, H, nqb, nkb].
 
     ``text_q_blocks`` / ``text_k_blocks``: bool [nqb] / [nkb], blocks holding text tokens;
-    those pairs are always level 1. Every row keeps at least one non-skipped block.
+    those pairs are always level 1. Every row keeps at least one non-skipped block, unless
+    the preset keeps skipped blocks as a pooled tail (then no row is empty anyway).
     """
     nkb = scores.shape[-1]
     sorted_scores, order = scores.sort(dim=-1, descending=True, stable=True)
@@ -78,7 +79,7 @@ def assign_levels(scores: torch.Tensor, cfg: PSAConfig,
     else:
         by_rank = _ranked_levels_threshold(sorted_scores, cfg)
     # No row may be empty: the best block of a row with nothing kept becomes level 1.
-    empty = (by_rank != 0).sum(-1, keepdim=True) == 0
+    empty = ((by_rank != 0).sum(-1, keepdim=True) == 0) & (not cfg.use_pooled_tail)
     by_rank = by_rank.clone()
     by_rank[..., :1] = torch.where(empty, torch.ones_like(by_rank[..., :1]), by_rank[..., :1])
     levels = torch.empty_like(by_rank).scatter_(-1, order, by_rank)
@@ -110,7 +111,7 @@ def _ordered_key32(x):
 
 
 @triton.jit
-def _assign_levels_kernel(Scores, Order, Out, nkb, keep, r1lo, r1hi, r2lo, r2hi, r4lo, r4hi, r8lo, r8hi,
+def _assign_levels_kernel(Scores, Order, Out, nkb, keep, fill_empty, r1lo, r1hi, r2lo, r2hi, r4lo, r4hi, r8lo, r8hi,
                           THRESHOLD: tl.constexpr, NKB: tl.constexpr, PRESORTED: tl.constexpr):
     # One program: one (batch, head, query block) row. The row is ranked by one sort of
     # int64 keys (score bits high, reversed block index low: ties keep the lower index first,
@@ -142,9 +143,10 @@ def _assign_levels_kernel(Scores, Order, Out, nkb, keep, r1lo, r1hi, r2lo, r2hi,
     lv = _level_of(x, lv, 4, r4lo, r4hi, THRESHOLD)
     lv = _level_of(x, lv, 8, r8lo, r8hi, THRESHOLD)
     lv = tl.where(rank < keep, 1, lv)
-    # no row may be empty: the best block of a row with nothing kept becomes level 1
+    # no row may be empty (unless a pooled tail keeps it): the best block of a row with
+    # nothing kept becomes level 1
     nonzero = tl.sum(((lv != 0) & (rank < nkb)).to(tl.int32), 0)
-    lv = tl.where((rank == 0) & (nonzero == 0), 1, lv)
+    lv = tl.where((rank == 0) & (nonzero == 0) & (fill_empty != 0), 1, lv)
     tl.store(Out + row * nkb + order, lv.to(tl.int8), mask=rank < nkb)
 
 
@@ -264,11 +266,11 @@ def _topk_table(nkb: int, cfg: PSAConfig, device) -> tuple[torch.Tensor, torch.T
     """(ranks where the topk level changes, level of each interval between them) as int64
     device tensors, and the last such rank (0 if none), cached: the rank table of
     :func:`assign_levels` with its empty-row rule."""
-    key = (nkb, tuple(cfg.level_ranges()), str(device))
+    key = (nkb, tuple(cfg.level_ranges()), cfg.use_pooled_tail, str(device))
     hit = _TOPK_TABLES.get(key)
     if hit is None:
         by_rank = _ranked_levels_topk(nkb, cfg, "cpu")
-        if not bool((by_rank != 0).any()):
+        if not bool((by_rank != 0).any()) and not cfg.use_pooled_tail:
             by_rank[0] = 1  # no row may be empty
         change = (by_rank[1:] != by_rank[:-1]).nonzero().flatten() + 1
         table = torch.cat([by_rank[:1], by_rank[change]]).long()
@@ -350,7 +352,7 @@ def assign_levels_triton(scores: torch.Tensor, cfg: PSAConfig,
     if presorted:
         scores, order = scores.sort(dim=-1, descending=True, stable=True)
     _assign_levels_kernel[(scores.numel() // nkb,)](
-        scores, order, out, nkb, keep, *bounds, THRESHOLD=threshold, NKB=nkb_pow2, PRESORTED=presorted,
+        scores, order, out, nkb, keep, int(not cfg.use_pooled_tail), *bounds, THRESHOLD=threshold, NKB=nkb_pow2, PRESORTED=presorted,
         num_warps=num_warps or _level_warps(nkb_pow2))
     _text_full(out, text_q_blocks, text_k_blocks)
     return out
@@ -412,8 +414,10 @@ def apply_similarity_guard(levels: torch.Tensor, sim: torch.Tensor, cfg: PSAConf
     return out
 
 
-def density(levels: torch.Tensor) -> torch.Tensor:
-    """Density per (batch, head): sum over pairs of 1/p for p > 0, over the number of pairs."""
+def density(levels: torch.Tensor, tail_n: int = 0) -> torch.Tensor:
+    """Density per (batch, head): sum over pairs of 1/p for p > 0, over the number of pairs;
+    with a pooled tail of key blocks of ``tail_n`` tokens, level-0 pairs count 1/tail_n."""
     lv = levels.float()
-    inv = torch.where(lv > 0, 1.0 / lv.clamp_min(1.0), torch.zeros_like(lv))
+    skipped = 1.0 / tail_n if tail_n else 0.0
+    inv = torch.where(lv > 0, 1.0 / lv.clamp_min(1.0), torch.full_like(lv, skipped))
     return inv.mean(dim=(-1, -2))

@@ -10,6 +10,11 @@ blocks (or several small level-1 blocks) into one tile keeps every tile as wide 
 one, so pooled levels cost about as much per unit of density as full resolution
 (``attn_impl: new_mask_type``). ``old_mask_type`` puts one key block in each tile, the
 research code's schedule.
+
+With a pooled *tail* (``use_pooled_tail``) the pyramid also holds every key block's mean key
+and value (one row per block, bias ln of its real keys, ``base[0]``); each query block then
+attends, besides its tiles, to the means of exactly the blocks its level map skips, so the
+softmax still covers the whole sequence.
 """
 from __future__ import annotations
 
@@ -34,13 +39,23 @@ class Pyramid:
     k: torch.Tensor        # [B, H, rows, D]
     v: torch.Tensor        # [B, H, rows, D]
     bias: torch.Tensor     # [rows] float32: ln(real keys per row), -inf for padding
-    base: dict             # level -> first row of that level
+    base: dict             # level -> first row of that level; 0 -> the tail's block means
     n: int                 # key block size
     length: int            # real keys (L); rows past it are padding
 
+    @property
+    def has_tail(self) -> bool:
+        return 0 in self.base
 
-def build_pyramid(k: torch.Tensor, v: torch.Tensor, n: int, L: int) -> Pyramid:
-    """Pool k and v ([B, H, L, D], arranged) by 2, 4 and 8 inside each key block of n tokens."""
+
+def tail_rows(nkb: int) -> int:
+    """Rows of the tail region: one per key block."""
+    return nkb
+
+
+def build_pyramid(k: torch.Tensor, v: torch.Tensor, n: int, L: int, tail: bool = False) -> Pyramid:
+    """Pool k and v ([B, H, L, D], arranged) by 2, 4 and 8 inside each key block of n tokens;
+    with ``tail`` also by n (each block's mean over its real keys)."""
     B, H, _, D = k.shape
     nkb = -(-L // n)
     rows1 = nkb * n
@@ -63,6 +78,13 @@ def build_pyramid(k: torch.Tensor, v: torch.Tensor, n: int, L: int) -> Pyramid:
         vs.append(vp)
         biases.append(torch.where(cnt > 0, cnt.log(), torch.full_like(cnt, float("-inf"))))
         start += rows1 // p
+    if tail:
+        base[0] = start
+        cnt = counts1.reshape(nkb, n).sum(-1)
+        div = cnt[None, None, :, None]
+        ks.append((ks[0].float().reshape(B, H, nkb, n, D).sum(3) / div).to(k.dtype))
+        vs.append((vs[0].float().reshape(B, H, nkb, n, D).sum(3) / div).to(v.dtype))
+        biases.append(cnt.log())
     return Pyramid(torch.cat(ks, dim=2), torch.cat(vs, dim=2), torch.cat(biases), base, n, L)
 
 
@@ -149,16 +171,16 @@ def _store_pooled(kf, vf, valid, kp, vp, Bias, write_bias, base, c, spl,
 
 def build_pyramid_triton(k: torch.Tensor, v: torch.Tensor | None, n: int, L: int,
                          with_similarity: bool = False, perm: torch.Tensor | None = None,
-                         chunk: int = BUILD_CHUNK, num_warps: int = BUILD_WARPS,
+                         chunk: int = BUILD_CHUNK, num_warps: int = BUILD_WARPS, tail: bool = False,
                          ) -> tuple[Pyramid | None, torch.Tensor | None]:
     """Same pyramid as :func:`build_pyramid` in one pass over k and v; with ``with_similarity``
     also the key similarity of :func:`levels.key_similarity` ([B, H, nkb, 3]). With ``perm``,
     k and v are in the caller's order and are arranged on the way. With ``v`` None only the
-    similarity is measured and no pyramid is allocated."""
+    similarity is measured and no pyramid is allocated. With ``tail`` the block means follow."""
     B, H, _, D = k.shape
     nkb = -(-L // n)
     rows1 = nkb * n
-    rows = rows1 * 15 // 8
+    rows = rows1 * 15 // 8 + (tail_rows(nkb) if tail else 0)
     chunk = min(n, chunk)  # rows per program: small enough to keep the pooled tiles in registers
     nchunks = rows1 // chunk
     with_pyramid = v is not None
@@ -180,6 +202,9 @@ def build_pyramid_triton(k: torch.Tensor, v: torch.Tensor | None, n: int, L: int
         H=H, D=D, CH=chunk, WITH_SIM=with_similarity, WITH_PYRAMID=with_pyramid, HAS_PERM=perm is not None,
         num_warps=num_warps)
     base = {1: 0, 2: rows1, 4: rows1 + rows1 // 2, 8: rows1 + rows1 // 2 + rows1 // 4}
+    if with_pyramid and tail:
+        base[0] = rows1 * 15 // 8
+        _block_means(kp, vp, bias, base[8], base[0], nkb, n)
     sim = None
     if with_similarity:
         per_block = n // chunk
@@ -188,18 +213,37 @@ def build_pyramid_triton(k: torch.Tensor, v: torch.Tensor | None, n: int, L: int
     return (Pyramid(kp, vp, bias, base, n, L) if with_pyramid else None), sim
 
 
+def _block_means(kp: torch.Tensor, vp: torch.Tensor, bias: torch.Tensor, base8: int, base0: int,
+                 nkb: int, n: int) -> None:
+    """Fill the tail rows from the level-8 rows: a block's mean is the count-weighted mean of
+    its pooled-by-8 rows (they read 1/8 of the keys and values again, not all of them)."""
+    B, H, _, D = kp.shape
+    g = n // 8
+    cnt8 = bias[base8:base8 + nkb * g].exp().view(nkb, g)  # real keys per pooled row (0 for padding)
+    cnt = cnt8.sum(1)
+    w = (cnt8 / cnt[:, None])[None, None, :, :, None]
+    for x in (kp, vp):
+        x8 = x[:, :, base8:base8 + nkb * g].float().view(B, H, nkb, g, D)
+        x[:, :, base0:base0 + nkb] = (x8 * w).sum(3).to(x.dtype)
+    bias[base0:base0 + nkb] = cnt.log()
+
+
 def attention_reference(q: torch.Tensor, pyr: Pyramid, levels: torch.Tensor, m: int,
                         q_chunk: int = 1024) -> torch.Tensor:
     """Pyramid attention in torch (float32 math), straight from the level map.
 
     q: [B, H, L, D] arranged; levels: [B, H, nqb, nkb]. Each query attends to every
-    pyramid row whose (query block, key block) pair has that row's level.
+    pyramid row whose (query block, key block) pair has that row's level; with a tail, also
+    to the mean of every block at level 0.
     """
     B, H, L, D = q.shape
     n = pyr.n
     nkb = levels.shape[-1]
     row_level = torch.cat([torch.full((nkb * n // p,), p, device=q.device) for p in LEVEL_ORDER])
     row_kblock = torch.cat([torch.arange(nkb * n // p, device=q.device) // (n // p) for p in LEVEL_ORDER])
+    if pyr.has_tail:  # the block means carry level 0
+        row_level = torch.cat([row_level, torch.zeros(nkb, device=q.device, dtype=row_level.dtype)])
+        row_kblock = torch.cat([row_kblock, torch.arange(nkb, device=q.device)])
     scale = 1.0 / math.sqrt(D)
     out = torch.empty_like(q)
     for b in range(B):
@@ -372,11 +416,12 @@ def _schedule_shape(nkb: int, n: int, packed: bool, tn: int):
     return per_tile, split, max_t, sum(groups[p] * per_tile[p] for p in LEVEL_ORDER), sum(max_t.values())
 
 
-def attention_bytes_per_head(B: int, L: int, D: int, element_size: int, m: int, n: int, packed: bool) -> int:
+def attention_bytes_per_head(B: int, L: int, D: int, element_size: int, m: int, n: int, packed: bool,
+                             tail: bool = False) -> int:
     """Device memory the pyramid and the tile schedule of one head take (B batch entries)."""
     nkb, nqb = -(-L // n), -(-L // m)
     _, _, _, max_segs, max_tiles = _schedule_shape(nkb, n, packed, tile_width(n))
-    pyramid_rows = nkb * n * 15 // 8
+    pyramid_rows = nkb * n * 15 // 8 + (tail_rows(nkb) if tail else 0)
     return B * (2 * pyramid_rows * D * element_size + nqb * (max_segs + 2 * max_tiles + len(COUNT_FIELDS)) * 4)
 
 
@@ -489,6 +534,33 @@ def _attend_logits(x, v, m_i, l_i, acc):
 
 
 @triton.jit
+def _attend_logits_safe(x, v, m_i, l_i, acc):
+    """:func:`_attend_logits` for tiles that may be wholly masked while nothing came before."""
+    m_new = tl.maximum(m_i, tl.max(x, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(x - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _tail_step(q, kbase, vbase, Bias, lv_row, tail_base, nkb, t, r, skl, svl, dd, scale, m_i, l_i, acc,
+               TILE_N: tl.constexpr):
+    """TILE_N block means of the tail; only blocks at level 0 in this query block's row count."""
+    kb = t * TILE_N + r
+    inside = kb < nkb
+    skipped = tl.load(lv_row + kb, mask=inside, other=1) == 0
+    prow = tail_base + kb
+    k = tl.load(kbase + prow[:, None] * skl + dd[None, :], mask=inside[:, None], other=0.0)
+    v = tl.load(vbase + prow[:, None] * svl + dd[None, :], mask=inside[:, None], other=0.0)
+    colb = tl.where(skipped, tl.load(Bias + prow, mask=inside, other=0.0) * 1.4426950408889634, float("-inf"))
+    s = tl.dot(q, tl.trans(k))
+    return _attend_logits_safe(s * scale + colb[None, :], v, m_i, l_i, acc)
+
+
+@triton.jit
 def _regular_step(q, kbase, vbase, seg_row, seg_first, t, cols, r, skl, svl, dd, scale, m_i, l_i, acc,
                   SEG_LEN: tl.constexpr, TILE_N: tl.constexpr, PER_TILE: tl.constexpr, BIAS: tl.constexpr,
                   FOLD: tl.constexpr):
@@ -524,13 +596,14 @@ def _regular_loop(q, kbase, vbase, seg_row, seg_first, ntiles, blocks, r, skl, s
 
 
 @triton.jit
-def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, Counts, Segs, Perm,
-                         L, sm_scale_log2,
+def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, Counts, Segs, Perm, Levels,
+                         L, sm_scale_log2, tail_base, nkb,
                          sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
-                         s_tl, s_seg,
+                         s_tl, s_seg, s_lvb, s_lvh, s_lvq,
                          H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                          N: tl.constexpr, TILE_N: tl.constexpr, PACKED: tl.constexpr,
-                         HAS_PERM: tl.constexpr, LOOP_STAGES: tl.constexpr, FOLD: tl.constexpr):
+                         HAS_PERM: tl.constexpr, LOOP_STAGES: tl.constexpr, FOLD: tl.constexpr,
+                         TAIL: tl.constexpr):
     # Branch-free loops, so that loads pipeline: the regular tiles of each level in a loop of
     # their own (segment length and bias known at compile time), then the masked tiles
     # (empty slots or the partial last block: masked loads and the per-row ln(count) bias).
@@ -572,6 +645,16 @@ def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, Counts, Segs,
     for t in range(s_tl - tl.load(rec + 4), s_tl):
         m_i, l_i, acc = _masked_step(q, kbase, vbase, Bias, TileLevel + tiles + t, TileSeg + tiles + t, seg_row,
                                      r, skl, svl, dd, scale, m_i, l_i, acc, N, TILE_N, PACKED)
+    if TAIL:  # the means of the skipped blocks, straight from the level map
+        lv_row = Levels + b * s_lvb + h * s_lvh + qb * s_lvq
+        if LOOP_STAGES > 0:
+            for t in tl.range(0, tl.cdiv(nkb, TILE_N), num_stages=LOOP_STAGES):
+                m_i, l_i, acc = _tail_step(q, kbase, vbase, Bias, lv_row, tail_base, nkb, t, r, skl, svl, dd,
+                                           scale, m_i, l_i, acc, TILE_N)
+        else:
+            for t in range(0, tl.cdiv(nkb, TILE_N)):
+                m_i, l_i, acc = _tail_step(q, kbase, vbase, Bias, lv_row, tail_base, nkb, t, r, skl, svl, dd,
+                                           scale, m_i, l_i, acc, TILE_N)
     acc = acc / l_i[:, None]
     tl.store(Out + b * sob + h * soh + src[:, None] * sol + dd[None, :], acc.to(Out.dtype.element_ty),
              mask=qmask[:, None])
@@ -616,10 +699,12 @@ def attention_triton(q: torch.Tensor, pyr: Pyramid, sched: Schedule, m: int,
                      out: torch.Tensor | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, perm: torch.Tensor | None = None,
                      loop_stages: int | None = None,
-                     maxnreg: int | None = None) -> torch.Tensor:
+                     maxnreg: int | None = None, levels: torch.Tensor | None = None) -> torch.Tensor:
     """The pyramid attention kernel over a schedule; same function as attention_reference.
 
     With ``perm``, q and the output are in the caller's order (arranged = x[..., perm, :]).
+    A pyramid with a tail needs the level map ``levels`` ([B, H, nqb, nkb]) the schedule
+    was built from: its level-0 blocks are the ones whose means are attended.
     The launch is :func:`kernel_launch_config`'s unless the other arguments override it
     (``maxnreg`` 0: no register cap; the cap applies to the default warps only)."""
     B, H, L, D = q.shape
@@ -629,14 +714,22 @@ def attention_triton(q: torch.Tensor, pyr: Pyramid, sched: Schedule, m: int,
     major = torch.cuda.get_device_capability(q.device)[0] if q.is_cuda else 9
     cfg = kernel_launch_config(m, sched.tile_n, sched.packed, D, major)
     sm_scale_log2 = LOG2E / math.sqrt(D)
+    tail = pyr.has_tail
+    if tail and (levels is None or levels.shape[:3] != (B, H, nqb)):
+        raise ValueError("a pyramid with a tail needs the level map [B, H, nqb, nkb] of the schedule")
+    if tail and sched.tile_n != TILE_WIDTH:
+        raise ValueError(f"the tail is read in tiles of {TILE_WIDTH} rows; got a schedule of {sched.tile_n}")
+    lv = levels if tail else sched.counts
+    lv_strides = (lv.stride(0), lv.stride(1), lv.stride(2)) if tail else (0, 0, 0)
     _pyramid_attn_kernel[(nqb, B * H)](
         q, pyr.k, pyr.v, pyr.bias, out, sched.tile_level, sched.tile_seg, sched.counts,
-        sched.segs, perm if perm is not None else sched.counts, L, sm_scale_log2,
+        sched.segs, perm if perm is not None else sched.counts, lv, L, sm_scale_log2,
+        pyr.base.get(0, 0), lv.shape[-1] if tail else 0,
         q.stride(0), q.stride(1), q.stride(2), pyr.k.stride(0), pyr.k.stride(1), pyr.k.stride(2),
         pyr.v.stride(0), pyr.v.stride(1), pyr.v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        sched.tile_level.stride(2), sched.segs.stride(2),
+        sched.tile_level.stride(2), sched.segs.stride(2), *lv_strides,
         H=H, D=D, BLOCK_M=m, N=pyr.n, TILE_N=sched.tile_n, PACKED=sched.packed, HAS_PERM=perm is not None,
-        FOLD=sched.folded,
+        FOLD=sched.folded, TAIL=tail,
         LOOP_STAGES=cfg.loop_stages if loop_stages is None else loop_stages,
         num_warps=num_warps or cfg.num_warps, num_stages=num_stages or cfg.num_stages,
         **({"maxnreg": mr} if (mr := _register_cap(cfg, num_warps, maxnreg)) else {}))

@@ -31,13 +31,14 @@ def _cfg(ratios=None, mode="thresholdbound", m=16, n=16, **kw) -> PSAConfig:
     return PSAConfig.from_dict(d)
 
 
-def _pyramid_by_hand(q, k, v, levels, m, n) -> torch.Tensor:
+def _pyramid_by_hand(q, k, v, levels, m, n, tail=False) -> torch.Tensor:
     """Expected pyramid attention in float64 on the CPU, from the definition.
 
     For a query in block i and key block j at level p: p = 1 gives the block's real keys
     with logit q.k/sqrt(D); p > 1 gives, for each group of p consecutive keys of the block,
     the mean of the group's real keys and values with logit q.k/sqrt(D) + ln(real keys in
-    the group); p = 0 gives nothing. Softmax over the union.
+    the group); p = 0 gives nothing, or with ``tail`` the group of all the block's real keys.
+    Softmax over the union.
     """
     B, H, L, D = q.shape
     nqb, nkb = levels.shape[-2:]
@@ -50,8 +51,9 @@ def _pyramid_by_hand(q, k, v, levels, m, n) -> torch.Tensor:
                 keys, vals, bias = [], [], []
                 for j in range(nkb):
                     p = int(levels[b, h, i, j])
-                    if p == 0:
+                    if p == 0 and not tail:
                         continue
+                    p = p or n
                     for g in range(n // p):
                         idx = [t for t in range(j * n + g * p, j * n + (g + 1) * p) if t < L]
                         if idx:
