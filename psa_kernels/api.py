@@ -103,14 +103,18 @@ def psa_plan(q: torch.Tensor, k: torch.Tensor, cfg: PSAConfig, grid, text_len: i
         # The kernels read the arranged order through perm, so nothing is copied; the pyramid
         # pass reads every key block anyway and measures key similarity on the way.
         q, k = _unit_stride(q), _unit_stride(k)
-        scores = estimate.estimate_triton(q, k, m, n, perm, heads_per_pass=heads_per_pass)
+        if cfg.estimate_method == "block_mean":
+            scores = estimate.estimate_block_mean(q, k, m, n, perm)
+        else:
+            scores = estimate.estimate_triton(q, k, m, n, perm, heads_per_pass=heads_per_pass)
         lv = levels_mod.assign_levels_triton(scores, cfg, text_q, text_k)
         if keep_pyramid or cfg.use_sim_mask:
             pyr, sim = pyramid.build_pyramid_triton(k, _unit_stride(v) if keep_pyramid else None, n, L,
                                                     cfg.use_sim_mask, perm, tail=cfg.use_pooled_tail)
     else:
         qa, ka = arrange(q, perm), arrange(k, perm)
-        scores = estimate.estimate_reference(qa, ka, m, n)
+        scores = (estimate.estimate_block_mean(qa, ka, m, n, triton_means=False) if cfg.estimate_method == "block_mean"
+                  else estimate.estimate_reference(qa, ka, m, n))
         lv = levels_mod.assign_levels(scores, cfg, text_q, text_k)
         if cfg.use_sim_mask:
             sim = levels_mod.key_similarity(ka, n, L)

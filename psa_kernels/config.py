@@ -20,6 +20,7 @@ POOLED_LEVELS = (2, 4, 8)
 MASK_MODES = ("thresholdbound", "topk")
 ATTN_IMPLS = ("new_mask_type", "old_mask_type")
 REARRANGE_METHODS = ("Gilbert", "Tiled")
+ESTIMATE_METHODS = ("sampled", "block_mean")
 PRESET_TYPES = ("psa", "dense")
 BLOCK_SIZES_M = (16, 32, 64, 128)
 BLOCK_SIZES_N = (16, 32, 64, 128)
@@ -105,7 +106,8 @@ DEFAULT_MASK_RATIOS = {1: (0.0, 0.4), 2: (0.4, 0.5), 4: (0.5, 0.6), 8: (0.6, 0.8
 
 _PRESET_FIELDS = ("type", "description", "use_rearrange", "use_sim_mask", "block_size",
                   "mask_ratios", "mask_mode", "attn_impl", "tile_size", "warmup_steps",
-                  "rearrange_method", "verbose", "sim_thresholds", "use_pooled_tail")
+                  "rearrange_method", "verbose", "sim_thresholds", "use_pooled_tail",
+                  "estimate_method")
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,9 @@ class PSAConfig:
     # Level-0 key blocks stay in the softmax as one mean-pooled key/value each (bias ln of the
     # block's real keys) instead of being dropped.
     use_pooled_tail: bool = False
+    # How block importance is estimated: from a strided sample of queries and keys, or from
+    # block means (cheaper at long sequences).
+    estimate_method: str = "sampled"
     # Fields present in the dict this preset was read from; a dense preset writes back only these.
     given: frozenset = field(default=frozenset(_PRESET_FIELDS), compare=False, repr=False)
 
@@ -178,6 +183,9 @@ class PSAConfig:
             kw["tile_size"] = tuple(_as_int(x, p(f"tile_size[{i}]"), 1) for i, x in enumerate(ts))
         if "warmup_steps" in d:
             kw["warmup_steps"] = _as_int(d["warmup_steps"], p("warmup_steps"), 0)
+        if "estimate_method" in d:
+            kw["estimate_method"] = _choice(d["estimate_method"], p("estimate_method"), ESTIMATE_METHODS,
+                                            case_insensitive=True)
         if "rearrange_method" in d:
             kw["rearrange_method"] = _choice(d["rearrange_method"], p("rearrange_method"),
                                              REARRANGE_METHODS, case_insensitive=True)
@@ -209,6 +217,7 @@ class PSAConfig:
         _choice(self.mask_mode, "mask_mode", MASK_MODES)
         _choice(self.attn_impl, "attn_impl", ATTN_IMPLS)
         _choice(self.rearrange_method, "rearrange_method", REARRANGE_METHODS)
+        _choice(self.estimate_method, "estimate_method", ESTIMATE_METHODS)
         if len(self.tile_size) != 3 or any(int(t) < 1 for t in self.tile_size):
             _fail("tile_size", f"got {list(self.tile_size)!r}; allowed: 3 positive integers [depth, height, width]")
         if self.warmup_steps < 0:
@@ -232,6 +241,7 @@ class PSAConfig:
             "verbose": self.verbose,
             "sim_thresholds": dataclasses.asdict(self.sim_thresholds),
             "use_pooled_tail": self.use_pooled_tail,
+            "estimate_method": self.estimate_method,
         }
         if self.is_dense:
             keep = set(self.given) | {"type"}

@@ -249,3 +249,74 @@ def estimate_triton(q: torch.Tensor, k: torch.Tensor, m: int, n: int,
             part, max_at, max_end, norm, qweight, oh, nkb, ntiles, sampled, oh.stride(0), oh.stride(1), oh.stride(2),
             H=g, SQ=sq, KBLOCKS=kblocks, CHUNK=chunk, SPLITS=splits, num_warps=4)
     return out
+
+
+
+@triton.jit
+def _block_mean_kernel(X, Out, Perm, L, sxb, sxh, sxl, sob, soh, sol,
+                       H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, CH: tl.constexpr,
+                       HAS_PERM: tl.constexpr):
+    # One program: the mean of one block of BLOCK arranged rows of one (batch, head), in
+    # float32, summed CH rows at a time; padding rows count for nothing.
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    dd = tl.arange(0, D)
+    acc = tl.zeros([D], tl.float32)
+    for c in range(0, BLOCK, CH):
+        r = blk * BLOCK + c + tl.arange(0, CH)
+        valid = r < L
+        src = r
+        if HAS_PERM:
+            src = tl.load(Perm + r, mask=valid, other=0)
+        x = tl.load(X + b * sxb + h * sxh + src[:, None] * sxl + dd[None, :], mask=valid[:, None], other=0.0)
+        acc += tl.sum(x.to(tl.float32), 0)
+    cnt = tl.minimum(L - blk * BLOCK, BLOCK).to(tl.float32)
+    tl.store(Out + b * sob + h * soh + blk * sol + dd, acc / cnt)
+
+
+def block_means_reference(x: torch.Tensor, block: int) -> torch.Tensor:
+    """[B, H, nblocks, D] float32 means of ``block`` consecutive rows of x [B, H, L, D] (arranged);
+    a partial last block is the mean of its real rows."""
+    B, H, L, D = x.shape
+    nb = -(-L // block)
+    xa = torch.nn.functional.pad(x.float(), (0, 0, 0, nb * block - L))
+    cnt = (torch.arange(nb * block, device=x.device) < L).float().view(nb, block).sum(1)
+    return xa.view(B, H, nb, block, D).sum(3) / cnt[:, None]
+
+
+def block_means_triton(x: torch.Tensor, block: int, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`block_means_reference` in one Triton pass; with ``perm`` x is in the caller's order
+    and is read as ``x[..., perm, :]`` without a copy."""
+    B, H, L, D = x.shape
+    nb = -(-L // block)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty((B, H, nb, D), device=x.device, dtype=torch.float32)
+    _block_mean_kernel[(nb, B * H)](
+        x, out, perm if perm is not None else out, L, x.stride(0), x.stride(1), x.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), H=H, D=D, BLOCK=block, CH=min(block, 32),
+        HAS_PERM=perm is not None, num_warps=4)
+    return out
+
+
+def estimate_block_mean(q: torch.Tensor, k: torch.Tensor, m: int, n: int,
+                        perm: torch.Tensor | None = None, triton_means: bool = True) -> torch.Tensor:
+    """Block scores [B, H, nqb, nkb] from block means: the softmax over key blocks of
+    mean(q_i) . mean(k_j) / sqrt(D) + ln(real keys of j). One pass over q and k and one small
+    product per head instead of a sampled QK^T. With ``triton_means`` the means are taken by
+    :func:`block_means_triton` (q, k in the caller's order, read through ``perm``); otherwise
+    in torch, from q and k already arranged (``perm`` must be None)."""
+    B, H, L, D = q.shape
+    nkb = -(-L // n)
+    if triton_means:
+        qm, km = block_means_triton(q, m, perm), block_means_triton(k, n, perm)
+    else:
+        if perm is not None:
+            raise ValueError("the torch block means take arranged q and k (perm None)")
+        qm, km = block_means_reference(q, m), block_means_reference(k, n)
+    cnt = torch.full((nkb,), float(n), device=q.device)
+    cnt[-1] = L - (nkb - 1) * n
+    s = torch.matmul(qm, km.transpose(-1, -2)).mul_(1.0 / math.sqrt(D)).add_(cnt.log())
+    return s.softmax(-1)

@@ -647,14 +647,11 @@ def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, Counts, Segs,
                                      r, skl, svl, dd, scale, m_i, l_i, acc, N, TILE_N, PACKED)
     if TAIL:  # the means of the skipped blocks, straight from the level map
         lv_row = Levels + b * s_lvb + h * s_lvh + qb * s_lvq
-        if LOOP_STAGES > 0:
-            for t in tl.range(0, tl.cdiv(nkb, TILE_N), num_stages=LOOP_STAGES):
-                m_i, l_i, acc = _tail_step(q, kbase, vbase, Bias, lv_row, tail_base, nkb, t, r, skl, svl, dd,
-                                           scale, m_i, l_i, acc, TILE_N)
-        else:
-            for t in range(0, tl.cdiv(nkb, TILE_N)):
-                m_i, l_i, acc = _tail_step(q, kbase, vbase, Bias, lv_row, tail_base, nkb, t, r, skl, svl, dd,
-                                           scale, m_i, l_i, acc, TILE_N)
+        # two stages: three would add this loop's buffers to the program's shared memory and
+        # leave room for one program per multiprocessor instead of two (NOTES.md, change 30)
+        for t in tl.range(0, tl.cdiv(nkb, TILE_N), num_stages=2):
+            m_i, l_i, acc = _tail_step(q, kbase, vbase, Bias, lv_row, tail_base, nkb, t, r, skl, svl, dd,
+                                       scale, m_i, l_i, acc, TILE_N)
     acc = acc / l_i[:, None]
     tl.store(Out + b * sob + h * soh + src[:, None] * sol + dd[None, :], acc.to(Out.dtype.element_ty),
              mask=qmask[:, None])

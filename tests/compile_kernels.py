@@ -59,6 +59,9 @@ def variants():
         yield (f"estimate reduce m{m} n{n} splits{splits}", estimate._estimate_reduce_kernel,
                {"Part": "fp32", "MaxAt": "fp32", "MaxEnd": "fp32", "Norm": "fp32", "QWeight": "fp32", "Out": "fp32"},
                (), dict(H=12, SQ=sq, KBLOCKS=128 // sk, CHUNK=estimate.REDUCE_CHUNK, SPLITS=splits), {"num_warps": 4})
+    for block in (64, 128):
+        yield (f"block means {block}", estimate._block_mean_kernel, {"X": "bf16", "Out": "fp32", "Perm": "i64"}, (),
+               dict(H=12, D=128, BLOCK=block, CH=32, HAS_PERM=True), {"num_warps": 4})
     bounds = ("r1lo", "r1hi", "r2lo", "r2hi", "r4lo", "r4hi", "r8lo", "r8hi")
     for threshold, nkb, presorted in ((True, 512, False), (False, 4096, True)):
         yield (f"levels threshold={threshold} nkb={nkb}", levels._assign_levels_kernel,
@@ -90,7 +93,8 @@ def variants():
     for m, n, packed, d, fold, tail in ((128, 128, True, 128, True, False), (128, 64, True, 128, True, False),
                                         (128, 32, True, 128, True, False), (128, 32, True, 128, False, False),
                                         (128, 128, False, 128, True, False), (64, 64, True, 64, True, False),
-                                        (128, 64, True, 256, True, False), (128, 64, True, 128, True, True)):
+                                        (128, 64, True, 256, True, False), (128, 64, True, 128, True, True),
+                                        (128, 128, True, 128, True, True), (128, 32, True, 128, True, True)):
         tile_n = pyramid.tile_width(n)
         launch = kernel_launch_config(m, tile_n, packed, d)
         options = {"num_warps": launch.num_warps, "num_stages": launch.num_stages}
