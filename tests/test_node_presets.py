@@ -29,7 +29,11 @@ def test_shipped_file_has_every_section_with_a_dense_baseline(tmp_path):
         assert section.default_attention in section.attention_configs
         assert all(not p.verbose for p in section.attention_configs.values())
     wan14 = lib.resolve("Wan2.1_14b", "default")
-    assert wan14.name == "psa_balanced" and wan14.config.mask_ratios[8] == (0.6, 0.8)
+    assert wan14.name == "psa_quality" and wan14.config.use_pooled_tail
+    assert wan14.config.estimate_method == "block_mean"
+    balanced = lib.resolve("Wan2.1_14b", "psa_balanced").config  # the seed's preset keeps its meaning
+    assert balanced.mask_ratios[8] == (0.6, 0.8) and not balanced.use_pooled_tail
+    assert balanced.estimate_method == "sampled"
     assert wan14.config.warmup_steps == 15 and wan14.config.attn_impl == "new_mask_type"
     assert lib.sections["Wan2.2_5B"].video_scale.width_divisor == 32
     assert lib.resolve("CogVideo_5b", "psa_4steps").config.warmup_steps == 0
