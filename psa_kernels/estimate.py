@@ -263,7 +263,7 @@ def _block_mean_kernel(X, Out, Perm, L, sxb, sxh, sxl, sob, soh, sol,
     b = bh // H
     h = bh % H
     dd = tl.arange(0, D)
-    acc = tl.zeros([D], tl.float32)
+    acc = tl.zeros([CH, D], tl.float32)  # summed over rows once at the end, not every chunk
     for c in range(0, BLOCK, CH):
         r = blk * BLOCK + c + tl.arange(0, CH)
         valid = r < L
@@ -271,9 +271,9 @@ def _block_mean_kernel(X, Out, Perm, L, sxb, sxh, sxl, sob, soh, sol,
         if HAS_PERM:
             src = tl.load(Perm + r, mask=valid, other=0)
         x = tl.load(X + b * sxb + h * sxh + src[:, None] * sxl + dd[None, :], mask=valid[:, None], other=0.0)
-        acc += tl.sum(x.to(tl.float32), 0)
+        acc += x.to(tl.float32)
     cnt = tl.minimum(L - blk * BLOCK, BLOCK).to(tl.float32)
-    tl.store(Out + b * sob + h * soh + blk * sol + dd, acc / cnt)
+    tl.store(Out + b * sob + h * soh + blk * sol + dd, tl.sum(acc, 0) / cnt)
 
 
 def block_means_reference(x: torch.Tensor, block: int) -> torch.Tensor:
