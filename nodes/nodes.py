@@ -36,8 +36,8 @@ def _problems_note() -> str:
     return "\n\nWARNING: some presets could not be loaded (details in the ComfyUI log):\n- " + "\n- ".join(problems)
 
 
-def _keep_combo(name: str, options, tooltip: str, advanced: bool = False) -> io.Combo.Input:
-    return io.Combo.Input(name, options=[edit.KEEP, *map(str, options)], default=edit.KEEP,
+def _keep_combo(name: str, options, tooltip: str, advanced: bool = False, optional: bool = False) -> io.Combo.Input:
+    return io.Combo.Input(name, options=[edit.KEEP, *map(str, options)], default=edit.KEEP, optional=optional,
                           tooltip=tooltip + " 'keep' leaves the incoming value.", **(ADVANCED if advanced else {}))
 
 
@@ -156,10 +156,11 @@ class PSAPresetEditor(io.ComfyNode):
                                         "when the pack updates); empty does not save."),
                 io.Boolean.Input("overwrite", default=False,
                                  tooltip="Allow saving over an existing preset of that name."),
-                # New widgets go last: workflows store widget values by position.
+                # New inputs go last (workflows store widget values by position) and are optional (API
+                # prompts written before them leave them out).
                 _keep_combo("use_pooled_tail", edit.BOOL_CHOICES[1:], "true: key blocks of level 0 stay in the "
                             "softmax as one mean-pooled key/value each (the 'tail'); false: they are skipped.",
-                            advanced=True),
+                            advanced=True, optional=True),
             ],
             outputs=[PSAConfigIO.Output(display_name="psa_config", tooltip="The edited preset.")],
         )
@@ -204,7 +205,7 @@ class ApplyPSA(io.ComfyNode):
                                      "forward, in order) with the model's own dense attention."),
                 io.Int.Input("dense_last_steps", default=0, min=0, max=10000,
                              tooltip="Run the last N sampling steps with dense attention."),
-                io.Boolean.Input("record_plan", default=False,
+                io.Boolean.Input("record_plan", default=False, optional=True,  # optional: older prompts lack it
                                  tooltip="Keep what PSA decides during the run (density of every block at every "
                                          "step, level maps of the latest step) for a PSA Plan View node. Costs a "
                                          "little time and memory; leave off when not looking."),
