@@ -57,6 +57,9 @@ def _draw_level_map(ax, panel: LevelMap) -> None:
     ax.set_title(f"{panel.title}\ndensity {map_density(lv):.3f}", fontsize=10)
     ax.set_xlabel("key block")
     ax.set_ylabel("query block")
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     for side in ax.spines.values():
         side.set_edgecolor("#444444")
 
@@ -88,7 +91,7 @@ def _draw_density(ax_map, ax_line, density: np.ndarray, step_labels, block_label
     ax_map.set_ylabel("sampling step")
     _ticks(ax_map.set_xticks, ax_map.set_xticklabels, block_labels)
     _ticks(ax_map.set_yticks, ax_map.set_yticklabels, step_labels)
-    ax_map.figure.colorbar(im, ax=ax_map, fraction=0.046, pad=0.02, label="density")
+    ax_map.figure.colorbar(im, ax=ax_map, fraction=0.046, pad=0.02)
     with np.errstate(all="ignore"):
         mean = np.nanmean(np.where(np.isfinite(d), d, np.nan), axis=1) if d.size else d
     x = np.arange(len(mean))
@@ -125,7 +128,7 @@ def render_plan(panels: list[LevelMap], density: np.ndarray | None = None, step_
     rows = (1 if panels else 0) + (1 if density is not None else 0)
     fig = Figure(figsize=(4.6 * cols, 4.4 * rows + 1.2), dpi=dpi)
     FigureCanvasAgg(fig)
-    grid = fig.add_gridspec(rows, cols, top=1 - 1.35 / (4.4 * rows + 1.2), bottom=0.08, hspace=0.45, wspace=0.3)
+    grid = fig.add_gridspec(rows, cols, top=1 - 1.35 / (4.4 * rows + 1.2), bottom=0.08, hspace=0.45, wspace=0.35)
     if panels:
         for i, panel in enumerate(panels):
             _draw_level_map(fig.add_subplot(grid[0, i]), panel)
