@@ -261,8 +261,9 @@ class PSAPlanView(io.ComfyNode):
     @classmethod
     def execute(cls, model, samples, blocks: str, head: int) -> io.NodeOutput:
         with _UIErrors("PSA Plan View: "):
-            image = plan_view.picture(model, blocks, head)
-        return io.NodeOutput(image, ui=ui.PreviewImage(image, cls=cls))
+            image, summary = plan_view.picture(model, blocks, head)
+        log.info("[PSA] Plan View: %s", summary)
+        return io.NodeOutput(image, ui={**ui.PreviewImage(image, cls=cls).as_dict(), "text": (summary,)})
 
 
 class PSAExtension(ComfyExtension):

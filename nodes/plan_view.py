@@ -46,8 +46,9 @@ def _span(blocks: list[int]) -> str:
     return f"{blocks[0]}-{blocks[-1]}" if blocks == list(range(blocks[0], blocks[-1] + 1)) else ", ".join(map(str, blocks))
 
 
-def picture(model, blocks: str, head: int) -> torch.Tensor:
-    """ComfyUI IMAGE [1, height, width, 3] of the plan recorded for ``model``."""
+def picture(model, blocks: str, head: int) -> tuple[torch.Tensor, str]:
+    """ComfyUI IMAGE [1, height, width, 3] of the plan recorded for ``model``, and a line saying
+    what it shows."""
     snap = recorder_of(model).snapshot()
     if snap is None:
         raise ConfigError("samples: no plan recorded; connect the sampler's output to samples so that this "
@@ -71,4 +72,9 @@ def picture(model, blocks: str, head: int) -> torch.Tensor:
     if not panels:
         title += " (every self-attention call ran dense: " + ", ".join(sorted(set(snap.dense_reasons.values()))) + ")"
     rgb = render_plan(panels, snap.density, title=title)
-    return torch.from_numpy(np.ascontiguousarray(rgb)).float().div(255.0).unsqueeze(0)
+    with np.errstate(all="ignore"):
+        per_step = np.nanmean(snap.density, axis=1)
+    drawn = ", ".join(str(b) for b in (choose_blocks(blocks, snap) if snap.maps else [])) or "none"
+    summary = (f"level maps of blocks: {drawn}; mean density per step: "
+               + ", ".join(f"{d:.3f}" for d in per_step))
+    return torch.from_numpy(np.ascontiguousarray(rgb)).float().div(255.0).unsqueeze(0), summary

@@ -79,17 +79,18 @@ def _page(browser, server, lang: str):
 
 
 def _shot(page, name: str, types=None) -> None:
-    """Screenshot with the whole graph in view, then (given ``types``) with those nodes in view."""
+    """Screenshot with the whole graph in view, then (given ``types``) at a readable zoom with the
+    top left of those nodes in view."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    fit = """types => { const app = window.app, c = app.canvas;
-        c.deselectAll?.();
-        if (types) c.selectNodes(app.graph._nodes.filter(n => types.includes(n.type)));
-        app.extensionManager.command.execute('Comfy.Canvas.FitView'); c.deselectAll?.(); c.setDirty(true, true); }"""
-    page.evaluate(fit, None)
+    page.evaluate("() => window.app.extensionManager.command.execute('Comfy.Canvas.FitView')")
     page.wait_for_timeout(600)
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
     if types:
-        page.evaluate(fit, list(types))
+        page.evaluate("""types => { const c = window.app.canvas, ds = c.ds;
+            const nodes = window.app.graph._nodes.filter(n => types.includes(n.type));
+            const x = Math.min(...nodes.map(n => n.pos[0])), y = Math.min(...nodes.map(n => n.pos[1]));
+            ds.scale = 0.85; ds.offset = [40 / ds.scale - x, 90 / ds.scale - y]; c.setDirty(true, true); }""",
+                      list(types))
         page.wait_for_timeout(600)
         page.screenshot(path=str(ARTIFACTS / f"{name}_psa_nodes.png"))
 
@@ -157,13 +158,14 @@ TINY_GRAPH_JS = """async (model) => {
           w.value = v; w.callback?.(v); } return n; };
   const unet = add('UNETLoader', [0, 0], {unet_name: model});
   const loader = add('PSALoader', [0, 200], {model_section: 'Wan2.1_1.3b', preset: 'psa_topk'});
+  const editor = add('PSAPresetEditor', [350, 200], {warmup_steps: 1});
   const apply = add('ApplyPSA', [350, 0], {record_plan: true});
   const pos = add('PSATestTextEmbeds', [0, 400], {seed: 1});
   const neg = add('PSATestTextEmbeds', [0, 550], {seed: 2});
   const latent = add('EmptyHunyuanLatentVideo', [350, 400], {width: 256, height: 256, length: 9});
   const ks = add('KSampler', [700, 0], {steps: 3, cfg: 5.0, sampler_name: 'euler', scheduler: 'simple'});
   const view = add('PSAPlanView', [1050, 0], {});
-  unet.connect(0, apply, 0); loader.connect(0, apply, 1);
+  unet.connect(0, apply, 0); loader.connect(0, editor, 0); editor.connect(0, apply, 1);
   apply.connect(0, ks, 0); pos.connect(0, ks, 1); neg.connect(0, ks, 2); latent.connect(0, ks, 3);
   apply.connect(0, view, 0); ks.connect(0, view, 1);
   view.size = [600, 560];
@@ -183,6 +185,7 @@ def test_tiny_prompt_shows_the_level_map(browser, server, lang):
     page.wait_for_function("() => window.__psaDone", timeout=300_000)
     done = page.evaluate("() => window.__psaDone")
     assert "error" not in done, done
+    assert done["output"]["text"][0].startswith("level maps of blocks: 0, 1; mean density per step: 1.000, 0.")
     images = done["output"]["images"]
     assert images and images[0]["type"] == "temp"
     picture = server.base / "temp" / images[0].get("subfolder", "") / images[0]["filename"]

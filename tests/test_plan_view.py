@@ -65,7 +65,8 @@ def test_plan_view_draws_an_image_and_says_what_is_missing():
     with pytest.raises(config.ConfigError, match="not a model patched by Apply PSA"):
         plan_view.picture(SimpleNamespace(model_options={}), "auto", 0)
     _run(rec)
-    image = plan_view.picture(_model(rec), "auto", 1)
+    image, summary = plan_view.picture(_model(rec), "auto", 1)
+    assert summary.startswith("level maps of blocks: 0, 1; mean density per step: 1.000, 0.")
     assert image.shape[0] == 1 and image.shape[-1] == 3 and image.shape[1] > 300 and image.shape[2] > 600
     assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0 and float(image.std()) > 0.05
     with pytest.raises(config.ConfigError, match=r"blocks: got '7'; allowed: 'auto', or up to 4 of the recorded blocks 0-1"):

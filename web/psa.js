@@ -123,7 +123,9 @@ function previewWidget(node) {
   area.className = "comfy-multiline-input";
   area.style.fontSize = "11px";
   area.style.opacity = "0.85";
-  w = node.addDOMWidget(PREVIEW, "psa_preview", area, { getValue: () => area.value, setValue: () => {}, serialize: false });
+  w = node.addDOMWidget(PREVIEW, "psa_preview", area, {
+    getValue: () => area.value, setValue: () => {}, serialize: false, getMinHeight: () => 150,
+  });
   w.serialize = false;  // not in widgets_values: workflows keep their layout
   w.options.serialize = false;  // not in the prompt
   w.element = area;
