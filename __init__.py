@@ -5,6 +5,11 @@ kernels) load when ComfyUI asks for them.
 """
 
 
+# The frontend extension (web/psa.js): per-section preset lists, the editor's incoming values,
+# Chinese combo labels and warnings about the presets files.
+WEB_DIRECTORY = "./web"
+
+
 async def comfy_entrypoint():
     from .nodes.nodes import PSAExtension
     return PSAExtension()

@@ -108,8 +108,10 @@ def _arg(args, kwargs, names, name):
 class PSAModelPatch:
     """The override and the forward wrapper of one Apply PSA node."""
 
-    def __init__(self, preset: PSAPreset, dense_first_blocks: int = 0, dense_last_steps: int = 0, inner=None):
+    def __init__(self, preset: PSAPreset, dense_first_blocks: int = 0, dense_last_steps: int = 0, inner=None,
+                 recorder=None):
         self.preset = preset
+        self.recorder = recorder  # a plan_record.PlanRecorder when Apply PSA records for PSA Plan View
         self.dense_first_blocks = dense_first_blocks
         self.dense_last_steps = dense_last_steps
         self.inner = inner        # an override that was there before ours: our fallback goes through it
@@ -240,6 +242,8 @@ class PSAModelPatch:
                 self._once("unsupported:" + reason, "PSA cannot take %s; the model's attention runs it", reason)
         if reason is not None:
             ctx.densities.append((block, reason))
+            if self.recorder is not None:
+                self.recorder.dense(ctx.step, block, reason)
             return self._fallback(func, args, kwargs)
         return self._psa(q, k, v, heads, skip_reshape, bool(a.get("skip_output_reshape")), ctx, block)
 
@@ -250,7 +254,11 @@ class PSAModelPatch:
         self._once(f"grid{ctx.grid}", "PSA on a %s token grid with preset %s/%s", "x".join(map(str, ctx.grid)),
                    self.preset.section or "-", self.preset.name)
         cfg = self.preset.config
-        if cfg.verbose:
+        if self.recorder is not None:
+            out, plan = self.recorder.attention(q, k, v, cfg, ctx.grid, ctx.step, block)
+            if cfg.verbose:
+                ctx.densities.append((block, plan.stats().density))
+        elif cfg.verbose:
             out, stats = psa_attention(q, k, v, cfg, grid=ctx.grid, return_stats=True)
             ctx.densities.append((block, float(stats.density)))
         else:
@@ -261,7 +269,7 @@ class PSAModelPatch:
         return out.transpose(1, 2).reshape(B, L, H * D)
 
 
-def apply_psa(model, preset: PSAPreset, dense_first_blocks: int = 0, dense_last_steps: int = 0):
+def apply_psa(model, preset: PSAPreset, dense_first_blocks: int = 0, dense_last_steps: int = 0, recorder=None):
     """A patched clone of a ComfyUI ModelPatcher; ``model`` itself is left as it was."""
     import comfy.patcher_extension as pe  # ComfyUI's; imported here so the helpers above need none
 
@@ -270,7 +278,7 @@ def apply_psa(model, preset: PSAPreset, dense_first_blocks: int = 0, dense_last_
     inner = to.get(OVERRIDE_KEY)
     if isinstance(inner, PSAModelPatch):  # a second Apply PSA replaces the first
         inner = inner.inner
-    patch = PSAModelPatch(preset, dense_first_blocks, dense_last_steps, inner)
+    patch = PSAModelPatch(preset, dense_first_blocks, dense_last_steps, inner, recorder)
     to[OVERRIDE_KEY] = patch
     m.remove_wrappers_with_key(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
     m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, patch.forward_wrapper)

@@ -24,7 +24,7 @@ log = logging.getLogger("psa")
 SHIPPED_FILE = Path(__file__).resolve().parent.parent / "configs" / "attention_config.yaml"
 USER_FILE_ENV = "PSA_USER_PRESETS"
 DEFAULT_PRESET = "default"  # the Loader's choice meaning "the section's default_attention"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+_NAME_RE = re.compile(r"^[^\W_][\w.+-]*$")  # letters of any script, digits, _ . + -
 
 
 @dataclass(frozen=True)
@@ -205,7 +205,7 @@ class PresetStore:
         """
         lib = self.library()
         if not isinstance(name, str) or not _NAME_RE.match(name) or name == DEFAULT_PRESET:
-            raise ConfigError(f"save_name: got {name!r}; allowed: letters, digits and _ . + - "
+            raise ConfigError(f"save_name: got {name!r}; allowed: letters (any script), digits and _ . + - "
                               f"(starting with a letter or digit), not {DEFAULT_PRESET!r}")
         if section not in lib.sections:
             raise ConfigError(f"save_section: unknown section {section!r}; allowed: {', '.join(lib.sections)}")

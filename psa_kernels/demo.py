@@ -5,8 +5,10 @@
 
 On a GPU the problem has the Wan 2.1 1.3B 480p x 81-frame shape (12 heads, 21 x 30 x 52
 tokens, head dim 128, bf16) and runs the Triton kernels; on a CPU a small one runs the
-torch reference. Prints time, density and error against dense attention, and writes a
-picture of the level map of the first head (rows: query blocks, columns: key blocks).
+torch reference, whose timings say nothing about PSA's speed (the GPU figures of
+benchmarks/RESULTS.md are printed instead). Prints density and error against dense attention,
+and writes a picture of the level maps of the first heads (rows: query blocks, columns: key
+blocks) with a legend of the levels.
 """
 from __future__ import annotations
 
@@ -20,10 +22,11 @@ import torch.nn.functional as F
 from . import load_attention_config, psa_attention, psa_plan
 from .synthetic import relative_l2, structured_qkv
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "attention_config.yaml"
-DEFAULT_PRESET = "Wan2.1_1.3b/psa_balanced"
-# level -> colour of the picture: full resolution dark, coarser lighter, skipped white
-COLOURS = {1: (20, 40, 120), 2: (40, 120, 200), 4: (110, 190, 230), 8: (190, 230, 245), 0: (255, 255, 255)}
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "attention_config.yaml"
+RESULTS = REPO / "benchmarks" / "RESULTS.md"
+DEFAULT_PRESET = "Wan2.1_1.3b/psa_topk"  # topk: every pyramid level shows up on any input
+PANELS = 3  # heads drawn side by side
 
 
 def _timed(fn, reps: int) -> tuple[object, float]:
@@ -40,19 +43,30 @@ def _timed(fn, reps: int) -> tuple[object, float]:
     return out, sorted(times)[len(times) // 2]
 
 
-def write_level_map(levels: torch.Tensor, path: Path) -> None:
-    """PNG of a [nqb, nkb] level map, each block pair a 4 x 4 (or smaller) square."""
-    from PIL import Image
+def write_plan_picture(levels: torch.Tensor, path: Path, pooled_tail: bool, title: str) -> None:
+    """PNG of the level maps of the first heads of a [H, nqb, nkb] plan, with legend and axes."""
+    from .plan_plot import LevelMap, render_plan, save_png
 
-    lv = levels.to(torch.int64).cpu()
-    rgb = torch.zeros(*lv.shape, 3, dtype=torch.uint8)
-    for level, colour in COLOURS.items():
-        rgb[lv == level] = torch.tensor(colour, dtype=torch.uint8)
-    scale = max(1, min(4, 1024 // max(lv.shape)))
-    img = Image.frombytes("RGB", (lv.shape[1], lv.shape[0]), bytes(rgb.flatten().tolist()))
-    img = img.resize((lv.shape[1] * scale, lv.shape[0] * scale), Image.NEAREST)
+    panels = [LevelMap(levels[h].cpu().numpy(), f"head {h}", pooled_tail) for h in range(min(PANELS, levels.shape[0]))]
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    save_png(render_plan(panels, title=title), path)
+
+
+def gpu_results(path: Path = RESULTS) -> list[str]:
+    """The 480p attention table of benchmarks/RESULTS.md (heading and rows), or a pointer to it."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith("### 480p x 81"))
+    except (OSError, StopIteration):
+        return [f"  (see {path.name} in benchmarks/ for the GPU figures)"]
+    out = [lines[start].lstrip("# ")]
+    for line in lines[start + 1:]:
+        if line.startswith("#"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) > 4 and cells[0] not in ("preset", "") and not cells[0].startswith("-"):
+            out.append(f"  {cells[0]:16s} density {cells[1]:6s} {cells[3]:>6s} ms  {cells[4]} faster than cuDNN")
+    return out
 
 
 def main(argv=None) -> None:
@@ -76,24 +90,34 @@ def main(argv=None) -> None:
     device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
     grid = tuple(args.grid)
     q, k, v = structured_qkv(grid, heads=args.heads, head_dim=args.head_dim, dtype=dtype, device=device)
-    reps = 20 if gpu else 3
+    reps = 20 if gpu else 1
 
     dense, dense_ms = _timed(lambda: F.scaled_dot_product_attention(q, k, v), reps)
     (out, stats), psa_ms = _timed(lambda: psa_attention(q, k, v, cfg, grid, return_stats=True), reps)
     plan = psa_plan(q, k, cfg, grid, v=v)
     picture = Path(args.picture)
-    write_level_map(plan.levels[0, 0], picture)
+    write_plan_picture(plan.levels[0], picture, cfg.use_pooled_tail,
+                       f"{args.preset}: grid {'x'.join(map(str, grid))}, mean density of all heads "
+                       f"{stats.density:.3f}")
 
     B, H, L, D = q.shape
     where = torch.cuda.get_device_name() if gpu else "CPU (torch reference)"
     print(f"PSA demo on {where}: preset {args.preset}, grid {'x'.join(map(str, grid))} = {L} tokens, "
           f"{H} heads, head dim {D}, {str(dtype).replace('torch.', '')}")
-    print(f"  dense attention (SDPA)  {dense_ms:8.2f} ms")
-    print(f"  PSA ({plan.backend:6s})          {psa_ms:8.2f} ms   speed-up {dense_ms / psa_ms:.2f}x")
+    if gpu:
+        print(f"  dense attention (SDPA)  {dense_ms:8.2f} ms")
+        print(f"  PSA ({plan.backend:6s})          {psa_ms:8.2f} ms   speed-up {dense_ms / psa_ms:.2f}x")
+    else:
+        print("  Timings: not shown. On a CPU PSA runs its torch reference, written to be checked, not to be")
+        print("  fast; its time says nothing about the GPU kernels. Measured on one GPU (benchmarks/RESULTS.md):")
+        for line in gpu_results():
+            print("  " + line)
     print(f"  density {stats.density:.3f} (sparsity {1 - stats.density:.3f}); block pairs per level "
           + ", ".join(f"{lvl}: {n}" for lvl, n in stats.level_counts.items()))
     print(f"  relative L2 error against dense attention: {relative_l2(out, dense):.4f}")
-    print(f"  level map of head 0 written to {picture}")
+    shown = min(PANELS, H)
+    print(f"  density per head: " + ", ".join(f"{d:.3f}" for d in stats.density_per_head.tolist()))
+    print(f"  level maps of heads 0-{shown - 1} written to {picture}")
 
 
 if __name__ == "__main__":

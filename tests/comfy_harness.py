@@ -24,7 +24,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PACK_FOLDER = "ComfyUI-PSA-under-test"  # any name works: ComfyUI imports the folder as a package
-PACK_PARTS = ("__init__.py", "nodes", "psa_kernels", "configs", "locales", "workflows", "pyproject.toml")
+PACK_PARTS = ("__init__.py", "nodes", "psa_kernels", "configs", "locales", "workflows", "web", "pyproject.toml")
 FIXTURE_NODES = Path(__file__).resolve().parent / "comfy_fixture_nodes.py"
 
 

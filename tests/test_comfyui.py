@@ -275,8 +275,9 @@ def test_bad_inputs_fail_the_prompt_clearly(server):
     assert "no_such_preset" in err and "preset" in err
     err = run_error(server, prompt(section="Wan2.1_14b", preset="psa_topk"))
     assert "'psa_topk' is not a preset of section 'Wan2.1_14b'" in err and "psa_balanced" in err
-    err = run_error(server, prompt(level_1="0.0, 0.6"))
-    assert "mask_ratios.2" in err and "out of order" in err and "must start at 0.6" in err
+    # one changed range moves its kept neighbours; two changed ranges that do not join name the widget
+    err = run_error(server, prompt(level_1="0, 0.2", level_2="0.3, 0.4"))
+    assert "level_2: got '0.3, 0.4'; allowed: a range that joins level_1" in err and "层级 2（level_2）" in err
     err = run_error(server, prompt(level_1="half"))
     assert "level_1" in err and "lo, hi" in err
     err = run_error(server, prompt(save_name="psa_balanced", warmup_steps=3))

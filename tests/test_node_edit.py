@@ -30,25 +30,57 @@ def test_changed_fields_replace_untouched_fields_stay():
 
 
 def test_level_ranges_keep_replace_and_off():
-    # level 0 kept its incoming [0.25, 1.0], which no longer joins level 8's end: a clear error
-    with pytest.raises(ConfigError, match=r"mask_ratios\.0: .*out of order: it must start at 0.5"):
-        edit.edit_preset(BASE, level_1="0, 0.2", level_2="0.2, 0.3", level_4="off", level_8="0.3, 0.5")
     out = edit.edit_preset(BASE, level_1="0, 0.2", level_2="0.2, 0.3", level_4="off", level_8="0.3, 0.5",
                            level_0="0.5, 1")
     assert out.mask_ratios == {1: (0.0, 0.2), 2: (0.2, 0.3), 8: (0.3, 0.5), 0: (0.5, 1.0)}
+
+
+def test_one_changed_range_moves_its_kept_neighbours():
+    notes = []
+    out = edit.edit_preset(BASE, notes=notes, level_2="0.05, 0.12")
+    assert out.mask_ratios == {1: (0.0, 0.05), 2: (0.05, 0.12), 4: (0.12, 0.15), 8: (0.15, 0.25), 0: (0.25, 1.0)}
+    assert notes == ["level_4: 0.1, 0.15 -> 0.12, 0.15"]
+    # a wide change swallows the kept ranges it overruns (they become empty) and stops at the next one
+    out = edit.edit_preset(BASE, level_1="0, 0.2")
+    assert out.mask_ratios == {1: (0.0, 0.2), 2: (0.2, 0.2), 4: (0.2, 0.2), 8: (0.2, 0.25), 0: (0.25, 1.0)}
+    # a level turned off gives its share to the next kept level
+    out = edit.edit_preset(BASE, level_4="off")
+    assert out.mask_ratios == {1: (0.0, 0.05), 2: (0.05, 0.1), 8: (0.1, 0.25), 0: (0.25, 1.0)}
+    # the skip level shrinks to make room at the end
+    out = edit.edit_preset(BASE, level_8="0.15, 0.4")
+    assert out.mask_ratios[0] == (0.4, 1.0) and out.mask_ratios[4] == (0.1, 0.15)
+
+
+@pytest.mark.parametrize("widgets, match", [
+    ({"level_1": "0, 0.2", "level_2": "0.3, 0.4"}, r"level_2: got '0.3, 0.4'; allowed: a range that joins level_1"),
+    ({"level_1": "0.1, 0.2"}, r"level_1: got '0.1, 0.2'; allowed: a range that must start at 0"),
+    ({"level_0": "0.5, 0.9"}, r"level_0: got '0.5, 0.9'; allowed: a range that must end at 1"),
+    ({"level_1": "0, 0.5", "level_8": "0.3, 0.6"}, r"level_8: got '0.3, 0.6'; allowed: ranges in level order"),
+    ({"level_2": "0.3, 0.2"}, r"level_2: got '0.3, 0.2'; allowed: keep, off, or a range"),
+])
+def test_level_conflicts_name_the_widget(widgets, match):
+    with pytest.raises(ConfigError, match=match):
+        edit.edit_preset(BASE, **widgets)
 
 
 @pytest.mark.parametrize("widgets, match", [
     ({"level_2": "0.1"}, r"level_2: got '0.1'; allowed: keep, or off, or a range"),
     ({"tile_size": "2, 8"}, r"tile_size: got '2, 8'; allowed: keep, or three integers"),
     ({"sim_thresholds": "a, b, c"}, r"sim_thresholds: got 'a, b, c'"),
-    ({"block_n": "16", "tile_n": "32"}, r"block_size.tile_n: got 32; allowed with n=16: 16"),
+    ({"block_n": "16", "tile_n": "32"}, r"^tile_n: got 32; allowed with n=16: 16"),
     ({"mask_mode": "fast"}, r"mask_mode: got 'fast'; allowed: thresholdbound, topk"),
     ({"use_rearrange": "yes"}, r"use_rearrange: got 'yes'; allowed: keep, true, false"),
+    ({"block_m": "48"}, r"^block_m: got 48; allowed: 16, 32, 64, 128"),
+    ({"tile_size": "0, 8, 8"}, r"^tile_size: got 0; allowed: an integer >= 1"),
 ])
 def test_bad_widget_values_name_the_field(widgets, match):
     with pytest.raises(ConfigError, match=match):
         edit.edit_preset(BASE, **widgets)
+
+
+def test_pooled_tail_widget():
+    assert edit.edit_preset(BASE, use_pooled_tail="true").use_pooled_tail is True
+    assert edit.edit_preset(BASE, use_pooled_tail="keep") is BASE
 
 
 def test_dense_presets_stay_minimal_and_switch_to_psa_fully():
