@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from ..psa_kernels.config import (ATTN_IMPLS, BLOCK_SIZES_M, BLOCK_SIZES_N, LEVELS, MASK_MODES,
+from ..psa_kernels.config import (ATTN_IMPLS, BLOCK_SIZES_M, BLOCK_SIZES_N, ESTIMATE_METHODS, LEVELS, MASK_MODES,
                                   PRESET_TYPES, REARRANGE_METHODS, TILE_N_SIZES, ConfigError, PSAConfig)
 
 KEEP = "keep"
@@ -27,6 +27,7 @@ COMBO_FIELDS = {
     "mask_mode": ("mask_mode", MASK_MODES),
     "attn_impl": ("attn_impl", ATTN_IMPLS),
     "rearrange_method": ("rearrange_method", REARRANGE_METHODS),
+    "estimate_method": ("estimate_method", ESTIMATE_METHODS),
 }
 BOOL_FIELDS = ("use_rearrange", "use_sim_mask", "verbose", "use_pooled_tail")
 BLOCK_FIELDS = {"block_m": ("m", BLOCK_SIZES_M), "block_n": ("n", BLOCK_SIZES_N),

@@ -7,7 +7,7 @@ import logging
 
 from comfy_api.latest import ComfyExtension, io, ui
 
-from ..psa_kernels.config import (ATTN_IMPLS, BLOCK_SIZES_M, BLOCK_SIZES_N, MASK_MODES, PRESET_TYPES,
+from ..psa_kernels.config import (ATTN_IMPLS, BLOCK_SIZES_M, BLOCK_SIZES_N, ESTIMATE_METHODS, MASK_MODES, PRESET_TYPES,
                                   REARRANGE_METHODS, TILE_N_SIZES, ConfigError, PSAConfig)
 from . import edit, plan_view, routes
 from .detect import ModelSignature, detect_section
@@ -161,6 +161,9 @@ class PSAPresetEditor(io.ComfyNode):
                 _keep_combo("use_pooled_tail", edit.BOOL_CHOICES[1:], "true: key blocks of level 0 stay in the "
                             "softmax as one mean-pooled key/value each (the 'tail'); false: they are skipped.",
                             advanced=True, optional=True),
+                _keep_combo("estimate_method", ESTIMATE_METHODS, "How block importance is estimated: "
+                            "sampled queries and keys, or block means (cheaper at long sequences such as "
+                            "720p).", advanced=True, optional=True),
             ],
             outputs=[PSAConfigIO.Output(display_name="psa_config", tooltip="The edited preset.")],
         )

@@ -81,6 +81,8 @@ def test_bad_widget_values_name_the_field(widgets, match):
 def test_pooled_tail_widget():
     assert edit.edit_preset(BASE, use_pooled_tail="true").use_pooled_tail is True
     assert edit.edit_preset(BASE, use_pooled_tail="keep") is BASE
+    assert edit.edit_preset(BASE, estimate_method="block_mean").estimate_method == "block_mean"
+    assert edit.edit_preset(BASE, estimate_method="keep") is BASE
 
 
 def test_dense_presets_stay_minimal_and_switch_to_psa_fully():

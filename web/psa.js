@@ -13,6 +13,7 @@ const ZH_LABELS = {
   keep: "保持", incoming: "沿用输入", auto: "自动识别", default: "默认", baseline: "全注意力基线",
   true: "是", false: "否", psa: "稀疏注意力", dense: "全注意力", thresholdbound: "累积质量界限",
   topk: "固定份额", Gilbert: "Gilbert 曲线", Tiled: "分块", off: "关闭",
+  sampled: "采样估计", block_mean: "块均值估计",
 };
 const PREVIEW = "psa_preview";
 
