@@ -51,10 +51,12 @@ from psa_kernels import PSAConfig, load_attention_config, psa_attention  # noqa:
 from psa_kernels.synthetic import (block_mass_share, calibrate_logit_scale,  # noqa: E402
                                    video_attention_qkv)
 
-KITCHEN = Path(os.environ.get("KITCHEN_PATH", REPO / ".kitchen"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sol_kitchen import load_sol, sol_backend  # noqa: E402
+
 
 # name -> (grid (T, H, W) of latent tokens, heads); head dim 128 (Wan, and Sol-Attn's only one)
-SHAPES = {"480p": ((21, 30, 52), 12), "720p": ((21, 45, 80), 40), "tiny": ((3, 8, 16), 6)}
+SHAPES = {"480p": ((21, 30, 52), 12), "720p": ((21, 45, 80), 40), "tiny": ((3, 16, 24), 4)}
 HEAD_DIM = 128
 MIXED_HEADS = ("spatial", "temporal", "local", "sink", "spatial", "uniform")
 
@@ -291,37 +293,6 @@ def sol_standin(q, k, v, tau: float = 1.0, scale=None, sink_blocks=None, sink_q=
         values = torch.cat([vf, vm], dim=2)
     out = torch.softmax(logits, dim=-1) @ values
     return out.transpose(1, 2).to(v.dtype).contiguous()
-
-
-def load_sol(device: torch.device):
-    """(sol_attn, description) from comfy_kitchen when its compiled kernel runs on ``device``,
-    else (None, why not)."""
-    if KITCHEN.is_dir() and str(KITCHEN) not in sys.path:
-        sys.path.insert(0, str(KITCHEN))
-    try:
-        import comfy_kitchen as ck
-    except Exception as e:  # noqa: BLE001 - any import failure means no Sol rows, said once
-        return None, f"comfy_kitchen not importable ({type(e).__name__}: {e}); expected in {KITCHEN}"
-    if not ck.sol_attn_is_available(device):
-        why = getattr(getattr(ck, "_cuda_backend", None), "_EXT_ERROR", None)
-        return None, f"comfy_kitchen.sol_attn has no compiled kernel for {device}" + (f" ({why})" if why else "")
-    version = getattr(ck, "__version__", None)
-    if version is None:
-        from importlib import metadata
-        try:
-            version = metadata.version("comfy-kitchen")
-        except metadata.PackageNotFoundError:
-            version = "?"
-    return ck.sol_attn, f"comfy_kitchen {version} from {Path(ck.__file__).parent}"
-
-
-def sol_backend(q_btHD: torch.Tensor) -> str:
-    """Which comfy_kitchen backend would serve sol_attn for these tensors (module name)."""
-    from comfy_kitchen.registry import registry
-    kw = {"q": q_btHD, "k": q_btHD, "v": q_btHD, "tau": 1.0, "scale": None, "sink_blocks": [0, 0],
-          "sink_q": [0, 0], "key_bias": None, "topk_ratio": 0.0, "tail": True, "block_len": None,
-          "coarse_gate": None, "token_aug": 0}
-    return getattr(registry.get_implementation("sol_attn", kwargs=kw), "__module__", "?")
 
 
 # ------------------------------------------------------------------------------ reference, error, time
@@ -669,7 +640,7 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
             for fam, color, label in (("sol", "tab:red", "Sol front"), ("psa", "tab:blue", "PSA front")):
                 fr = sorted((r["speedup"], r["error"]) for r in ok if r.get(f"front_{fam}"))
                 if fr:
-                    ax.plot(*zip(*fr), color=color, lw=1.2, label=label)
+                    ax.plot(*zip(*fr), color=color, lw=1.2, marker="x", ms=4, label=label)
             d = next((r for r in ok if r.get("sol_default")), None)
             if d:
                 ax.annotate("Sol default", (d["speedup"], d["error"]), textcoords="offset points", xytext=(6, 6), fontsize=8)
@@ -765,7 +736,8 @@ def main(argv=None) -> dict:
               "sol": sol[1], "sol_backend": result_backend, "dry_run": args.dry_run, "quick": args.quick, "psa_presets": presets, "cases": []}
     for shape in args.shapes:
         rep = args.rep_ms or {"720p": 150.0}.get(shape, 100.0)
-        timer = Timer(device, rep_ms=rep, samples=3 if (args.dry_run or args.quick) else 5)
+        # a dry run's times mean nothing: one call each
+        timer = Timer(device, rep_ms=rep, samples=1 if args.dry_run else 3 if args.quick else 5)
         for regime in args.regimes:
             result["cases"].append(run_case(shape, regime, args, sol, presets, timer, device, dtype, log))
             log(f"   [{time.time() - t_start:.0f} s so far]")
