@@ -195,6 +195,16 @@ def test_load_sol_without_a_compiled_kernel_says_why():
     assert fn is None and ("no compiled kernel for cpu" in why or "not importable" in why)
 
 
+def test_probe_sol_says_once_when_the_kernel_cannot_run():
+    fn, label = bp.probe_sol((bp.sol_standin, "stand-in"), torch.device("cpu"), torch.float32)
+    assert fn is bp.sol_standin and "relative L2" in label and float(label.rsplit(" ", 1)[1].rstrip(")")) < 1e-5
+
+    def no_driver(*args, **kwargs):
+        raise RuntimeError("CUDA driver version is insufficient for CUDA runtime version")
+    fn, label = bp.probe_sol((no_driver, "comfy_kitchen 0.2.40"), torch.device("cpu"), torch.float32)
+    assert fn is None and "probe call failed: RuntimeError: CUDA driver version is insufficient" in label
+
+
 # ---------------------------------------------------------------------- fronts
 def test_pareto_front():
     pts = [(2.0, 0.10), (3.0, 0.10), (3.0, 0.20), (1.0, 0.05), (4.0, 0.30), None, (2.5, 0.30), (1.0, 0.05)]
