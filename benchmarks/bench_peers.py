@@ -39,7 +39,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -414,20 +414,9 @@ def make_inputs(shape: str, regime: Regime, device, dtype, seed: int = 1, rows: 
     return (*blhd, stats)
 
 
-def run_case(shape: str, regime_name: str, args, sol, presets: dict, timer: Timer, device, dtype, log) -> dict:
-    grid, heads = SHAPES[shape]
-    regime = REGIMES[regime_name]
-    q, k, v, stats = make_inputs(shape, regime, device, dtype, rows=args.mass_rows)
-    log(f"\n== {shape} {regime_name}: {regime.note}; top-10% block share {stats['top10_share']:.3f} "
-        f"(target {stats['target_top10_share']}), inputs {stats['seconds']} s")
-    t0 = time.time()
-    ref = dense_reference(q, k, v, heads)
-    sync(device)
-    log(f"   float32 reference {time.time() - t0:.1f} s")
-    case = {"shape": shape, "grid": list(grid), "heads": heads, "regime": regime_name, "inputs": stats, "rows": []}
-
-    # dense: cuDNN on contiguous [B, H, L, D] copies made beforehand (the reference of
-    # bench_attention and of the issue's tables), error from the same call
+def time_dense(q, k, v, heads: int, ref, timer, device, log) -> dict:
+    """Dense SDPA, the speed-up reference: cuDNN on contiguous [B, H, L, D] copies made
+    beforehand (as in bench_attention.py), and its error from the same call."""
     qh, kh, vh = (t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2).contiguous() for t in (q, k, v))
     if device.type == "cuda":
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -447,9 +436,25 @@ def run_case(shape: str, regime_name: str, args, sol, presets: dict, timer: Time
         dense_ms = timer(lambda: F.scaled_dot_product_attention(qh, kh, vh))
         dense_name = "SDPA (CPU dry run)"
     out = out.transpose(1, 2).reshape(q.shape)
-    case["dense"] = {"method": dense_name, "ms": dense_ms, "error": relative_error(out, ref)}
-    log(f"   {dense_name}: {dense_ms:.3f} ms, error {case['dense']['error']:.4f}")
-    del out, qh, kh, vh
+    row = {"method": dense_name, "ms": dense_ms, "error": relative_error(out, ref)}
+    log(f"   {dense_name}: {dense_ms:.3f} ms, error {row['error']:.4f}")
+    return row
+
+
+def run_case(shape: str, regime_name: str, args, sol, presets: dict, timer: Timer, device, dtype, log) -> dict:
+    grid, heads = SHAPES[shape]
+    regime = REGIMES[regime_name]
+    q, k, v, stats = make_inputs(shape, regime, device, dtype, rows=args.mass_rows)
+    log(f"\n== {shape} {regime_name}: {regime.note}; top-10% block share {stats['top10_share']:.3f} "
+        f"(target {stats['target_top10_share']}), inputs {stats['seconds']} s")
+    t0 = time.time()
+    ref = dense_reference(q, k, v, heads)
+    sync(device)
+    log(f"   float32 reference {time.time() - t0:.1f} s")
+    case = {"shape": shape, "grid": list(grid), "heads": heads, "regime": regime_name, "inputs": stats, "rows": []}
+
+    case["dense"] = time_dense(q, k, v, heads, ref, timer, device, log)
+    dense_ms = case["dense"]["ms"]
 
     def add(method: str, setting: str, fn, extra: dict, twin=None):
         """Run one setting: its error (first call, with its statistics), then its time. ``twin``:
@@ -502,7 +507,6 @@ def run_case(shape: str, regime_name: str, args, sol, presets: dict, timer: Time
         twin = last[1] if name.endswith(TAIL) and last[0] == name[:-len(TAIL)] else None
         res = add("PSA", name, call, {"use_pooled_tail": cfg.use_pooled_tail}, twin=twin)
         last = (name, res if res[0] is not None else None)
-    del q, k, v, ref
     summarize(case)
     return case
 
