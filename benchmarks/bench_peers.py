@@ -579,7 +579,7 @@ def markdown(result: dict) -> str:
                   "| method | setting | speed-up | error | density | ms | front |", "|---|---|---|---|---|---|---|"]
         for r in sorted(case["rows"], key=lambda r: (r["method"], -(r.get("speedup") or 0))):
             if r.get("na"):
-                lines.append(f"| {r['method']} | {r['setting']} | n/a | n/a | | | {r['na'][:80]} |")
+                lines.append(f"| {r['method']} | {r['setting']} (n/a: {r['na'][:100]}) | | | | | |")
                 continue
             dens = r["density"] if r.get("density") is not None else r.get("routed_share")
             mark = ("s" if r.get("front_sol") else "") + ("p" if r.get("front_psa") else "") + \
@@ -616,7 +616,8 @@ def print_summary(result: dict, log) -> None:
         log(f"{case['shape']:5s} {case['regime']:13s} share {case['inputs']['top10_share']:.3f}  "
             f"ratio min {min(ratios, default=float('nan')):.2f} max {max(ratios, default=float('nan')):.2f}"
             + (f" (worst: Sol {worst['sol']} {worst['sol_speedup']:.2f}x at {worst['sol_error']:.4f})" if worst else "")
-            + (f"  default: {d['ratio']:.2f}" if d.get("ratio") is not None else "  at Sol's default: n/a")
+            + (f"  error ratio at Sol's default {d['ratio']:.2f}" if d.get("ratio") is not None
+               else "  error ratio at Sol's default n/a")
             + f"  err@5x {'n/a' if e5 is None else f'{e5:.4f}'}")
         for c in case["vs_sol"]:
             psa = f"{c['psa']} {c['psa_speedup']:.2f}x at {c['psa_error']:.4f}" if c["psa"] else "none"
