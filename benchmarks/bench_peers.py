@@ -117,7 +117,7 @@ TOPK_DENSITIES_QUICK = (0.10, 0.20)
 TB_LEVEL1 = (0.4, 0.55, 0.7, 0.8, 0.9)
 TB_LEVEL1_QUICK = (0.55, 0.8)
 QUICK_SHIPPED = ("Wan2.1_1.3b/psa_topk", "Wan2.1_14b/psa_balanced")
-TAIL = "+tail"
+TAIL, NO_TAIL = "+tail", "-notail"
 
 
 def _ranges(cuts: list[float]) -> dict:
@@ -162,7 +162,8 @@ def shipped_presets(path: Path = REPO / "configs" / "attention_config.yaml") -> 
 
 
 def psa_presets(quick: bool = False) -> dict:
-    """name -> preset (YAML form); every preset also as NAME+tail with use_pooled_tail: true."""
+    """name -> preset (YAML form), each without and then with ``use_pooled_tail: true``: NAME and
+    NAME+tail, or NAME-notail and NAME for a shipped preset that has the tail already."""
     base = shipped_presets()
     if quick:
         base = {n: base[n] for n in QUICK_SHIPPED}
@@ -172,9 +173,20 @@ def psa_presets(quick: bool = False) -> dict:
         base[f"thresholdbound_l1_{a:.2f}"] = thresholdbound_preset(a)
     out = {}
     for name, preset in base.items():
-        out[name] = {**preset, "use_pooled_tail": False}
-        out[name + TAIL] = {**preset, "use_pooled_tail": True}
+        plain, tail = {**preset, "use_pooled_tail": False}, {**preset, "use_pooled_tail": True}
+        if preset.get("use_pooled_tail"):
+            out[name + NO_TAIL], out[name] = plain, tail
+        else:
+            out[name], out[name + TAIL] = plain, tail
     return out
+
+
+def tail_twins(earlier: dict | None, preset: dict) -> bool:
+    """Whether ``preset`` is ``earlier`` with the pooled tail switched on, and nothing else changed."""
+    if earlier is None or earlier.get("use_pooled_tail") or not preset.get("use_pooled_tail"):
+        return False
+    strip = lambda d: {k: v for k, v in d.items() if k != "use_pooled_tail"}  # noqa: E731
+    return strip(earlier) == strip(preset)
 
 
 # ------------------------------------------------------------------------------ the methods
@@ -491,12 +503,13 @@ def run_case(shape: str, regime_name: str, args, sol, presets: dict, timer: Time
             add(args.sol_label, s.name, call, {"tau": s.tau, "topk_ratio": s.topk_ratio,
                                                 "extra_tokens": s.extra_tokens, "routed_share": routed,
                                                 "sol_default": s.is_default})
-    # PSA; a +tail preset right after its twin is checked against the twin's output
-    last = (None, None)
+    # PSA; a preset with the tail right after its twin without it is checked against the twin's output
+    last = (None, None)   # (preset, (output, level-0 pairs)) of the last preset run
     for name, preset in presets.items():
         try:
             cfg = PSAConfig.from_dict(preset, name)
         except Exception as e:  # noqa: BLE001 - an invalid preset is reported, not fatal
+            last = (None, None)
             case["rows"].append({"method": "PSA", "setting": name, "error": None, "ms": None, "speedup": None,
                                  "na": f"{type(e).__name__}: {e}"})
             log("   " + format_row(case["rows"][-1]))
@@ -504,9 +517,9 @@ def run_case(shape: str, regime_name: str, args, sol, presets: dict, timer: Time
 
         def call(first, cfg=cfg):
             return psa_call(q, k, v, heads, cfg, grid, return_stats=first)
-        twin = last[1] if name.endswith(TAIL) and last[0] == name[:-len(TAIL)] else None
+        twin = last[1] if tail_twins(last[0], preset) else None
         res = add("PSA", name, call, {"use_pooled_tail": cfg.use_pooled_tail}, twin=twin)
-        last = (name, res if res[0] is not None else None)
+        last = (preset, res if res[0] is not None else None)
     summarize(case)
     return case
 

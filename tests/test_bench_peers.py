@@ -257,15 +257,26 @@ def test_psa_presets_parse_pair_with_their_tail_twins_and_hit_their_densities():
     assert "Wan2.1_1.3b/psa_topk" in names and "Wan2.1_14b/psa_balanced" in names
     assert not any(n.startswith("CogVideo") for n in names)
     for plain, tail in zip(names[::2], names[1::2]):
-        assert tail == plain + bp.TAIL
+        assert tail == plain + bp.TAIL or plain == tail + bp.NO_TAIL
+        assert bp.tail_twins(presets[plain], presets[tail]) and not bp.tail_twins(presets[tail], presets[plain])
         a, b = PSAConfig.from_dict(presets[plain], plain), PSAConfig.from_dict(presets[tail], tail)
         assert not a.use_pooled_tail and b.use_pooled_tail and a.replace(use_pooled_tail=True) == b
+    assert not bp.tail_twins(presets["topk_d0.10"], presets["topk_d0.20+tail"])
     for d in bp.TOPK_DENSITIES:
         cfg = PSAConfig.from_dict(presets[f"topk_d{d:.2f}"])
         density = sum((hi - lo) / lvl for lvl, lo, hi in cfg.level_ranges() if lvl)
         assert density == pytest.approx(d, abs=1e-3)
     quick = bp.psa_presets(quick=True)
     assert set(quick) < set(presets) and len(quick) == 12
+
+
+def test_a_shipped_preset_with_the_tail_keeps_its_name(monkeypatch):
+    shipped = {"Wan9/psa_tail": {**bp.topk_preset(0.1), "use_pooled_tail": True}}
+    monkeypatch.setattr(bp, "shipped_presets", lambda: dict(shipped))
+    presets = bp.psa_presets()
+    assert list(presets)[:2] == ["Wan9/psa_tail-notail", "Wan9/psa_tail"]
+    assert presets["Wan9/psa_tail"] == shipped["Wan9/psa_tail"]
+    assert presets["Wan9/psa_tail-notail"]["use_pooled_tail"] is False
 
 
 def test_parse_args_and_preset_selection(tmp_path):
