@@ -1,6 +1,6 @@
 """PSA against ComfyUI's built-in sparse attention (Sol-Attn, ``comfy_kitchen.sol_attn``) and cuDNN.
 
-    python3 benchmarks/bench_peers.py                          # 480p and 720p, every regime, H200: ~6 min
+    python3 benchmarks/bench_peers.py                          # 480p and 720p, every regime
     python3 benchmarks/bench_peers.py --quick --shapes 480p    # fewer settings
     python3 benchmarks/bench_peers.py --dry-run                # CPU, tiny shape, torch stand-in for Sol
 
