@@ -114,9 +114,15 @@ TOPK_DENSITIES = (0.06, 0.10, 0.15, 0.20, 0.25, 0.35)
 TOPK_DENSITIES_QUICK = (0.10, 0.20)
 # thresholdbound (block n 64): level 1 up to mass share a, then levels 2, 4 and 8 in steps of
 # (1 - a) / 5 (8 gets two), the last fifth skipped
-TB_LEVEL1 = (0.4, 0.55, 0.7, 0.8, 0.9)
+TB_LEVEL1 = (0.55, 0.7, 0.9)
 TB_LEVEL1_QUICK = (0.55, 0.8)
 QUICK_SHIPPED = ("Wan2.1_1.3b/psa_topk", "Wan2.1_14b/psa_balanced")
+# tail-only sweeps (block n 64; without the tail these densities lose most of the attention):
+# level 1 alone up to share a; and psa_quality's pyramid (levels 1, 2, 4, 8 ending at 0.06,
+# 0.1, 0.16, 0.3) scaled by s; each routed both ways
+TAIL_L1 = (0.02, 0.03, 0.05, 0.08)
+TAIL_PYRAMID_SCALE = (0.5, 0.75)
+ESTIMATES = ("sampled", "block_mean")
 TAIL, NO_TAIL = "+tail", "-notail"
 
 
@@ -178,7 +184,19 @@ def psa_presets(quick: bool = False) -> dict:
             out[name + NO_TAIL], out[name] = plain, tail
         else:
             out[name], out[name + TAIL] = plain, tail
+    if not quick:
+        for est in ESTIMATES:
+            for a in TAIL_L1:
+                out[f"tail64_l1_{a:.2f}_{est}"] = {**_n64(_ranges([a, a, a, a])), "estimate_method": est}
+            for sc in TAIL_PYRAMID_SCALE:
+                cuts = [round(c * sc, 4) for c in (0.06, 0.1, 0.16, 0.3)]
+                out[f"tail64_pyr_x{sc:g}_{est}"] = {**_n64(_ranges(cuts)), "estimate_method": est}
     return out
+
+
+def _n64(ratios: dict) -> dict:
+    return {"block_size": {"m": 128, "n": 64, "tile_n": 32}, "mask_ratios": ratios, "mask_mode": "topk",
+            "attn_impl": "new_mask_type", "use_pooled_tail": True}
 
 
 def tail_twins(earlier: dict | None, preset: dict) -> bool:
