@@ -268,11 +268,11 @@ BAD_PRESETS = [
      ["48", "16, 32, 64"]),
     ("unknown block field", {"block_size": {"m": 128, "n": 64, "k": 32}}, ".block_size.k",
      ["unknown field", "m, n, tile_n"]),
-    ("negative warmup", {"warmup_steps": -1}, ".warmup_steps", ["-1", ">= 0"]),
+    ("negative warmup", {"warmup_steps": -1}, ".warmup_steps", ["-1", "[0, 10000]"]),
     ("fractional warmup", {"warmup_steps": 2.5}, ".warmup_steps", ["2.5", "integer"]),
     ("tile_size of 2", {"tile_size": [2, 8]}, ".tile_size", ["[2, 8]", "3 positive integers"]),
     ("tile_size string", {"tile_size": "2x8x8"}, ".tile_size", ["'2x8x8'", "3 positive integers"]),
-    ("tile_size zero", {"tile_size": [2, 0, 8]}, ".tile_size[1]", ["0", ">= 1"]),
+    ("tile_size zero", {"tile_size": [2, 0, 8]}, ".tile_size[1]", ["0", "[1, 1024]"]),
     ("sim threshold too high", {"sim_thresholds": {"x2": 0.7, "x4": 1.5, "x8": 0.6}},
      ".sim_thresholds.x4", ["1.5", "[-1.0, 1.0]"]),
     ("sim threshold not a number", {"sim_thresholds": {"x2": "high", "x4": 0.65, "x8": 0.6}},
@@ -339,9 +339,9 @@ def test_model_section_errors():
         parse_attention_config(_section({"a": {}}, speed=2))
     with pytest.raises(ConfigError, match=r"^W\.attention_configs: no presets"):
         parse_attention_config(_section({}))
-    with pytest.raises(ConfigError, match=r"^W\.text_length: got -3; allowed: an integer >= 0"):
+    with pytest.raises(ConfigError, match=r"^W\.text_length: got -3; allowed: an integer in \[0, 65536\]"):
         parse_attention_config(_section({"a": {}}, text_length=-3))
-    with pytest.raises(ConfigError, match=r"^W\.video_scale\.depth_divisor: got 0; allowed: an integer >= 1"):
+    with pytest.raises(ConfigError, match=r"^W\.video_scale\.depth_divisor: got 0; allowed: an integer in \[1, 1024\]"):
         parse_attention_config(_section({"a": {}}, video_scale={"depth_divisor": 0}))
     with pytest.raises(ConfigError, match=r"^W\.attention_configs\.a\.mask_mode: got 'x'; allowed: "):
         parse_attention_config(_section({"a": {"mask_mode": "x"}}))

@@ -1,0 +1,248 @@
+"""Reading a presets YAML file that may be hostile: any size, encoding, nesting or aliases.
+
+A presets file is user input. Before anything builds Python objects from it, the file's size,
+its nesting and the size of its expanded alias graph are bounded, so a "billion laughs" file
+or twenty thousand nested brackets are refused by name instead of exhausting memory or the
+stack. Scalars that Python cannot hold (a 5,000-digit integer, an impossible date) stay the
+text the user wrote, so the field they sit in is refused by the config validation, naming that
+field, and the rest of the file still loads. Every field's line is kept for error messages.
+"""
+from __future__ import annotations
+
+import codecs
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from yaml.composer import ComposerError
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from .errors import ConfigError
+
+MAX_FILE_BYTES = 1 << 20     # a presets file of a thousand presets is about 600 kB
+MAX_DEPTH = 32               # a preset is 6 levels deep in its file
+MAX_VALUES = 200_000         # keys, values and list items, every alias counted where it is used
+MAX_INT_DIGITS = 40          # beyond this no config number is valid, and Python refuses to print them
+
+# UTF-32 first: its little-endian mark starts with UTF-16's.
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+_INT_TAG = "tag:yaml.org,2002:int"
+
+
+@dataclass
+class YamlDocument:
+    """One parsed file: its data, the line of every field, and what was read with losses."""
+    data: Any
+    source: str = ""
+    lines: dict[str, int] = field(default_factory=dict)   # "a.b[2].c" -> 1-based line
+    lossy: list[ConfigError] = field(default_factory=list)  # e.g. bytes that were not UTF-8
+
+    def line_of(self, path: str) -> int | None:
+        """Line of ``path``, or of the nearest enclosing field the file has."""
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            cut = max(path.rfind("."), path.rfind("["))
+            path = path[:cut] if cut > 0 else ""
+        return None
+
+    def locate(self, error: ConfigError) -> ConfigError:
+        """``error`` with this file and the line of its field."""
+        return error.located(file=self.source, line=error.line or self.line_of(error.field))
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that bounds nesting while composing and keeps unbuildable scalars as text."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels; allowed: at most "
+                                    f"{MAX_DEPTH}", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_object(self, node, deep=False):
+        if not isinstance(node, ScalarNode):
+            return super().construct_object(node, deep)
+        if node.tag == _INT_TAG and len(node.value) > MAX_INT_DIGITS:
+            return node.value
+        try:
+            return super().construct_object(node, deep)
+        except Exception:  # noqa: BLE001 - whatever the scalar, the user's text is kept
+            self.recursive_objects.pop(node, None)
+            self.constructed_objects[node] = node.value
+            return node.value
+
+
+def _check_graph(root: Node) -> None:
+    """Refuse loops, depth past MAX_DEPTH and more than MAX_VALUES values once aliases expand;
+    linear in the nodes written, however often aliases repeat them."""
+    sizes: dict[int, int] = {}
+    depths: dict[int, int] = {}
+    on_path: set[int] = set()
+
+    def visit(node: Node, depth: int) -> tuple[int, int]:
+        key = id(node)
+        if key in sizes:
+            if depth + depths[key] > MAX_DEPTH:
+                _refuse(node, f"aliases nest it deeper than {MAX_DEPTH} levels; allowed: at most {MAX_DEPTH}")
+            return sizes[key], depths[key]
+        if key in on_path:
+            _refuse(node, "an alias refers to the collection that holds it (a loop); allowed: aliases "
+                          "to values defined before and outside them")
+        if depth > MAX_DEPTH:
+            _refuse(node, f"aliases nest it deeper than {MAX_DEPTH} levels; allowed: at most {MAX_DEPTH}")
+        children = []
+        if isinstance(node, SequenceNode):
+            children = node.value
+        elif isinstance(node, MappingNode):
+            children = [n for pair in node.value for n in pair]
+        on_path.add(key)
+        size, height = 1, 1
+        for child in children:
+            s, h = visit(child, depth + 1)
+            size, height = size + s, max(height, h + 1)
+            if size > MAX_VALUES:
+                _refuse(node, f"more than {MAX_VALUES} values once its aliases are expanded; allowed: at "
+                              f"most {MAX_VALUES} (an alias counts as often as it is used)")
+        on_path.discard(key)
+        sizes[key], depths[key] = size, height
+        return size, height
+
+    visit(root, 1)
+
+
+class _GraphRefused(Exception):
+    def __init__(self, node: Node, reason: str):
+        super().__init__(reason)
+        self.node, self.reason = node, reason
+
+
+def _refuse(node: Node, reason: str) -> None:
+    raise _GraphRefused(node, reason)
+
+
+def _field_lines(root: Node) -> dict[str, int]:
+    """Line of every mapping key and list item, by the dotted path the validation names."""
+    lines: dict[str, int] = {}
+    stack = [(root, "")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, MappingNode):
+            for key, value in node.value:
+                if isinstance(key, ScalarNode):
+                    sub = f"{path}.{key.value}" if path else str(key.value)
+                    lines.setdefault(sub, key.start_mark.line + 1)
+                    stack.append((value, sub))
+        elif isinstance(node, SequenceNode):
+            for i, item in enumerate(node.value):
+                sub = f"{path}[{i}]"
+                lines.setdefault(sub, item.start_mark.line + 1)
+                stack.append((item, sub))
+    return lines
+
+
+def _yaml_error(e: yaml.YAMLError, text: str, source: str) -> ConfigError:
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    line = column = None
+    if mark is not None:
+        line, column = mark.line + 1, mark.column + 1
+    elif isinstance(getattr(e, "position", None), int):  # a ReaderError: a character YAML refuses
+        line = text.count("\n", 0, e.position) + 1
+    problem = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e)
+    at = f" (column {column})" if column else ""
+    return ConfigError(f"malformed YAML: {problem}{at}", file=source, line=line)
+
+
+def parse_yaml_text(text: str, source: str = "") -> YamlDocument:
+    """Parse YAML text within the bounds above; ConfigError naming ``source`` and the line."""
+    if len(text) > MAX_FILE_BYTES:
+        raise ConfigError(f"{len(text)} characters; allowed: at most {MAX_FILE_BYTES}", file=source)
+    loader = _BoundedLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return YamlDocument(None, source)
+        try:
+            _check_graph(root)
+        except _GraphRefused as e:
+            raise ConfigError(e.reason, file=source, line=e.node.start_mark.line + 1) from None
+        data = loader.construct_document(root)
+        return YamlDocument(data, source, _field_lines(root))
+    except yaml.YAMLError as e:
+        raise _yaml_error(e, text, source) from None
+    finally:
+        loader.dispose()
+
+
+def decode_yaml_bytes(raw: bytes, source: str = "") -> tuple[str, list[ConfigError]]:
+    """Text of a YAML file: UTF-8, or UTF-16/32 with a byte-order mark, as YAML allows. Bytes
+    that do not decode are replaced (U+FFFD) and reported, so the rest of the file still loads."""
+    encoding = next((enc for bom, enc in _BOMS if raw.startswith(bom)), "utf-8")
+    try:
+        return raw.decode(encoding), []
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].decode(encoding, errors="replace").count("\n") + 1
+        problem = ConfigError(f"not {encoding.upper().replace('-SIG', '')} text (byte 0x{raw[e.start]:02x}); "
+                              f"allowed: a file saved as UTF-8. Read with the bad bytes replaced by U+FFFD",
+                              file=source, line=line)
+        return raw.decode(encoding, errors="replace"), [problem]
+
+
+def read_file_bytes(path: Path, limit: int = MAX_FILE_BYTES) -> bytes | None:
+    """The bytes of a regular file of at most ``limit`` bytes; None when it does not exist.
+
+    A FIFO, device or directory at the path is refused without blocking on it."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror or e}", file=str(path)) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError("not a regular file; allowed: a YAML file", file=str(path))
+        if st.st_size > limit:
+            raise ConfigError(f"{st.st_size} bytes; allowed: at most {limit} bytes", file=str(path))
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise ConfigError(f"more than {limit} bytes; allowed: at most {limit} bytes", file=str(path))
+        return b"".join(chunks)
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror or e}", file=str(path)) from None
+    finally:
+        os.close(fd)
+
+
+def read_yaml_document(path: str | Path) -> YamlDocument | None:
+    """Parsed YAML of a file (None when it does not exist), within the bounds above.
+
+    Raises ConfigError with the file (and the line where known) when it cannot be used at all;
+    problems it was read past are in ``lossy``."""
+    path = Path(path)
+    raw = read_file_bytes(path)
+    if raw is None:
+        return None
+    text, lossy = decode_yaml_bytes(raw, str(path))
+    doc = parse_yaml_text(text, str(path))
+    doc.lossy = lossy
+    return doc
