@@ -25,7 +25,8 @@ def _problems_note() -> str:
     problems = STORE.library().problems
     if not problems:
         return ""
-    return "\n\nWARNING: some presets could not be loaded (details in the ComfyUI log):\n- " + "\n- ".join(problems)
+    return ("\n\nWARNING: some presets could not be loaded (details in the ComfyUI log):\n- "
+            + "\n- ".join(map(str, problems)))
 
 
 def _keep_combo(name: str, options, tooltip: str) -> io.Combo.Input:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from yaml.composer import ComposerError
+from yaml.reader import ReaderError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from .errors import ConfigError
@@ -66,8 +66,8 @@ class _BoundedLoader(yaml.SafeLoader):
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
-                raise ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels; allowed: at most "
-                                    f"{MAX_DEPTH}", self.peek_event().start_mark)
+                raise _Refused(self.peek_event().start_mark, f"nested deeper than {MAX_DEPTH} levels; allowed: "
+                                                             f"at most {MAX_DEPTH}")
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
@@ -123,14 +123,16 @@ def _check_graph(root: Node) -> None:
     visit(root, 1)
 
 
-class _GraphRefused(Exception):
-    def __init__(self, node: Node, reason: str):
+class _Refused(Exception):
+    """A bound of this module was passed at ``mark``."""
+
+    def __init__(self, mark, reason: str):
         super().__init__(reason)
-        self.node, self.reason = node, reason
+        self.mark, self.reason = mark, reason
 
 
 def _refuse(node: Node, reason: str) -> None:
-    raise _GraphRefused(node, reason)
+    raise _Refused(node.start_mark, reason)
 
 
 def _field_lines(root: Node) -> dict[str, int]:
@@ -156,11 +158,14 @@ def _field_lines(root: Node) -> dict[str, int]:
 def _yaml_error(e: yaml.YAMLError, text: str, source: str) -> ConfigError:
     mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
     line = column = None
+    problem = getattr(e, "problem", None) or str(e)
     if mark is not None:
         line, column = mark.line + 1, mark.column + 1
-    elif isinstance(getattr(e, "position", None), int):  # a ReaderError: a character YAML refuses
+    elif isinstance(e, ReaderError):  # a character YAML does not allow in a file
         line = text.count("\n", 0, e.position) + 1
-    problem = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e)
+        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        code = e.character if isinstance(e.character, int) else ord(e.character)
+        problem = f"character U+{code:04X} is not allowed in YAML text; allowed: printable characters"
     at = f" (column {column})" if column else ""
     return ConfigError(f"malformed YAML: {problem}{at}", file=source, line=line)
 
@@ -169,32 +174,49 @@ def parse_yaml_text(text: str, source: str = "") -> YamlDocument:
     """Parse YAML text within the bounds above; ConfigError naming ``source`` and the line."""
     if len(text) > MAX_FILE_BYTES:
         raise ConfigError(f"{len(text)} characters; allowed: at most {MAX_FILE_BYTES}", file=source)
-    loader = _BoundedLoader(text)
+    loader = None
     try:
+        loader = _BoundedLoader(text)  # reads every character first: a ReaderError comes from here
         root = loader.get_single_node()
         if root is None:
             return YamlDocument(None, source)
-        try:
-            _check_graph(root)
-        except _GraphRefused as e:
-            raise ConfigError(e.reason, file=source, line=e.node.start_mark.line + 1) from None
+        _check_graph(root)
         data = loader.construct_document(root)
         return YamlDocument(data, source, _field_lines(root))
+    except _Refused as e:
+        raise ConfigError(e.reason, file=source, line=e.mark.line + 1) from None
     except yaml.YAMLError as e:
         raise _yaml_error(e, text, source) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
+
+
+def _encoding_by_nulls(raw: bytes) -> str:
+    """Without a byte-order mark, YAML tells UTF-16/32 from UTF-8 by where the first character's
+    zero bytes are (the first character of a YAML file is ASCII)."""
+    head = raw[:4]
+    if len(head) == 4 and head[:3] == b"\0\0\0" and head[3]:
+        return "utf-32-be"
+    if len(head) == 4 and head[0] and head[1:] == b"\0\0\0":
+        return "utf-32-le"
+    if len(head) >= 2 and not head[0] and head[1]:
+        return "utf-16-be"
+    if len(head) >= 2 and head[0] and not head[1]:
+        return "utf-16-le"
+    return "utf-8"
 
 
 def decode_yaml_bytes(raw: bytes, source: str = "") -> tuple[str, list[ConfigError]]:
     """Text of a YAML file: UTF-8, or UTF-16/32 with a byte-order mark, as YAML allows. Bytes
     that do not decode are replaced (U+FFFD) and reported, so the rest of the file still loads."""
-    encoding = next((enc for bom, enc in _BOMS if raw.startswith(bom)), "utf-8")
+    encoding = next((enc for bom, enc in _BOMS if raw.startswith(bom)), None) or _encoding_by_nulls(raw)
     try:
         return raw.decode(encoding), []
     except UnicodeDecodeError as e:
         line = raw[:e.start].decode(encoding, errors="replace").count("\n") + 1
-        problem = ConfigError(f"not {encoding.upper().replace('-SIG', '')} text (byte 0x{raw[e.start]:02x}); "
+        name = encoding.upper().replace("-SIG", "")
+        problem = ConfigError(f"not {name} text (byte 0x{raw[e.start]:02x}); "
                               f"allowed: a file saved as UTF-8. Read with the bad bytes replaced by U+FFFD",
                               file=source, line=line)
         return raw.decode(encoding, errors="replace"), [problem]
