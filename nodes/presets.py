@@ -228,13 +228,16 @@ def load_library(shipped: Path, user: Path | None) -> PresetLibrary:
     """
     lib = PresetLibrary()
     files = [shipped] + ([user] if user is not None and not _same_file(user, shipped) else [])
-    docs = [doc for doc in (_read(lib, Path(p)) for p in files) if doc is not None]
+    _merge(lib, [doc for doc in (_read(lib, Path(p)) for p in files) if doc is not None])
+    return lib
+
+
+def _merge(lib: PresetLibrary, docs: list[YamlDocument]) -> None:
     for sname, merged in _collect(lib, docs).items():
         try:
             _build_section(lib, sname, merged)
         except Exception as e:  # noqa: BLE001 - one section's surprise never costs the others
             _problem(lib, e, merged["docs"][-1], where=sname)
-    return lib
 
 
 def _stamp(path: Path | None) -> tuple:
@@ -427,7 +430,9 @@ class PresetStore:
             raise _cannot_save(f"{target}: the top level is not a mapping of sections. Fix it; nothing was written.")
         # The merged presets as they are now on disk, read under the lock: a save that finished
         # a moment ago by another process or thread counts.
-        lib = load_library(self.shipped, target)
+        lib = PresetLibrary()
+        shipped = _read(lib, self.shipped)
+        _merge(lib, [d for d in (shipped, doc) if d is not None and isinstance(d.data, dict)])
         if section not in lib.sections:
             raise ConfigError(f"unknown section {show(section)}; allowed: {', '.join(lib.sections)}", "save_section")
         existing = lib.sections[section].attention_configs.get(name)
@@ -453,9 +458,10 @@ class PresetStore:
             raise _cannot_save(f"{target}: {section}.attention_configs is not a mapping. Fix it; nothing was "
                               "written.")
         presets[name] = config.to_dict()
-        text = dump_yaml(data)
-        written = parse_yaml_text(text, str(target)).data[section]["attention_configs"][name]
+        # The dumper writes a value the same way wherever it sits, so the preset alone tells
+        # whether it reads back as it is.
+        written = parse_yaml_text(dump_yaml({name: presets[name]}), str(target)).data[name]
         if PSAConfig.from_dict(written).to_dict() != config.to_dict():
             raise _cannot_save(f"preset {name!r} would not read back as it is; nothing was written")
-        _atomic_write(target, text, st)
+        _atomic_write(target, dump_yaml(data), st)
         return status

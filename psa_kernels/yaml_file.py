@@ -55,8 +55,20 @@ class YamlDocument:
         return error.located(file=self.source, line=error.line or self.line_of(error.field))
 
 
+def _construct_scalar_or_text(constructor, node, deep):
+    """An int past MAX_INT_DIGITS, or any scalar Python cannot build, stays the text written."""
+    if node.tag == _INT_TAG and len(node.value) > MAX_INT_DIGITS:
+        return node.value
+    try:
+        return yaml.SafeLoader.construct_object(constructor, node, deep)
+    except Exception:  # noqa: BLE001 - whatever the scalar, the user's text is kept
+        constructor.recursive_objects.pop(node, None)
+        constructor.constructed_objects[node] = node.value
+        return node.value
+
+
 class _BoundedLoader(yaml.SafeLoader):
-    """SafeLoader that bounds nesting while composing and keeps unbuildable scalars as text."""
+    """Pure-Python SafeLoader that bounds nesting while composing (its composer recurses)."""
 
     def __init__(self, stream):
         super().__init__(stream)
@@ -73,16 +85,36 @@ class _BoundedLoader(yaml.SafeLoader):
             self._depth -= 1
 
     def construct_object(self, node, deep=False):
-        if not isinstance(node, ScalarNode):
+        if isinstance(node, ScalarNode):
+            return _construct_scalar_or_text(self, node, deep)
+        return super().construct_object(node, deep)
+
+
+def _libyaml_bounds_nesting() -> bool:
+    """libyaml 0.2.5 and later refuse nesting past 1000 levels while scanning, so its (recursive,
+    compiled) composer never runs out of stack; _check_graph bounds the depth to MAX_DEPTH after."""
+    try:
+        from yaml import _yaml
+        return bool(yaml.__with_libyaml__) and tuple(_yaml.get_version()) >= (0, 2, 5)
+    except Exception:  # noqa: BLE001 - no compiled PyYAML: the pure-Python loader
+        return False
+
+
+if _libyaml_bounds_nesting():
+    class _FastBoundedLoader(yaml.CSafeLoader):
+        """libyaml's parser (an order of magnitude faster) with the scalar rule above."""
+
+        def construct_object(self, node, deep=False):
+            if isinstance(node, ScalarNode):
+                return _construct_scalar_or_text(self, node, deep)
             return super().construct_object(node, deep)
-        if node.tag == _INT_TAG and len(node.value) > MAX_INT_DIGITS:
-            return node.value
-        try:
-            return super().construct_object(node, deep)
-        except Exception:  # noqa: BLE001 - whatever the scalar, the user's text is kept
-            self.recursive_objects.pop(node, None)
-            self.constructed_objects[node] = node.value
-            return node.value
+
+    _LOADER = _FastBoundedLoader
+else:
+    _LOADER = _BoundedLoader
+
+
+_TOO_DEEP = f"nested deeper than {MAX_DEPTH} levels (aliases counted where used); allowed: at most {MAX_DEPTH}"
 
 
 def _check_graph(root: Node) -> None:
@@ -96,13 +128,13 @@ def _check_graph(root: Node) -> None:
         key = id(node)
         if key in sizes:
             if depth + depths[key] > MAX_DEPTH:
-                _refuse(node, f"aliases nest it deeper than {MAX_DEPTH} levels; allowed: at most {MAX_DEPTH}")
+                _refuse(node, _TOO_DEEP)
             return sizes[key], depths[key]
         if key in on_path:
             _refuse(node, "an alias refers to the collection that holds it (a loop); allowed: aliases "
                           "to values defined before and outside them")
         if depth > MAX_DEPTH:
-            _refuse(node, f"aliases nest it deeper than {MAX_DEPTH} levels; allowed: at most {MAX_DEPTH}")
+            _refuse(node, _TOO_DEEP)
         children = []
         if isinstance(node, SequenceNode):
             children = node.value
@@ -176,7 +208,7 @@ def parse_yaml_text(text: str, source: str = "") -> YamlDocument:
         raise ConfigError(f"{len(text)} characters; allowed: at most {MAX_FILE_BYTES}", file=source)
     loader = None
     try:
-        loader = _BoundedLoader(text)  # reads every character first: a ReaderError comes from here
+        loader = _LOADER(text)  # checks every character first: a ReaderError comes from here
         root = loader.get_single_node()
         if root is None:
             return YamlDocument(None, source)
