@@ -62,9 +62,10 @@ _SHORT = _ShortRepr()
 def show(value: Any) -> str:
     """``repr(value)`` cut to a readable length."""
     try:
-        return _SHORT.repr(value)
+        text = _SHORT.repr(value)
     except Exception:  # noqa: BLE001 - a value whose repr fails is still named
         return f"<a {type(value).__name__}>"
+    return text if len(text) <= 160 else text[:150] + "...(cut)"
 
 
 def _fail(where: str, msg: str) -> None:

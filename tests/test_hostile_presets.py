@@ -67,7 +67,8 @@ BAD_VALUES = [
      SECTION, 1, ["[1, 2]", "a mapping"]),
     ("attention_configs a string", f"{SECTION}:\n  attention_configs: fast\nNewModel:\n  attention_configs:\n{GOOD}",
      f"{SECTION}.attention_configs", 2, ["'fast'", "a mapping of preset names"]),
-    ("no valid preset", f"NewModel:\n  attention_configs:\n    x: {{mask_mode: fast}}\n{SECTION}:\n  attention_configs:\n{GOOD}",
+    ("no valid preset",
+     f"NewModel:\n  attention_configs:\n    x: {{mask_mode: fast}}\n{SECTION}:\n  attention_configs:\n{GOOD}",
      "NewModel.attention_configs.x.mask_mode", 3, ["'fast'", "thresholdbound"]),
 ]
 
