@@ -33,7 +33,8 @@ def _problems_note() -> str:
     problems = routes.problem_texts(STORE.library())
     if not problems:
         return ""
-    return "\n\nWARNING: some presets could not be loaded (details in the ComfyUI log):\n- " + "\n- ".join(problems)
+    return ("\n\nWARNING: some presets could not be loaded (details in the ComfyUI log):\n- "
+            + "\n- ".join(map(str, problems)))
 
 
 def _keep_combo(name: str, options, tooltip: str, advanced: bool = False, optional: bool = False) -> io.Combo.Input:

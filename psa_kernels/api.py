@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
+import os
 from dataclasses import dataclass
 
 import torch
@@ -48,14 +50,47 @@ def _stats(levels: torch.Tensor, tail_n: int = 0) -> PSAStats:
                     level_counts={lvl: int(counts[lvl]) for lvl in (1, 2, 4, 8, 0)})
 
 
-def _check_inputs(q, k, v, grid, text_len) -> tuple[int, int, int]:
+_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _index(value, name: str, minimum: int) -> int:
+    """An integer argument (Python, NumPy or 0-d tensor integers); floats are refused, not truncated."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < minimum:
+        raise ValueError(f"{name}: got {value!r}; allowed: an integer >= {minimum}")
+    return number
+
+
+def _check_inputs(q, k, v, cfg, grid, text_len) -> tuple[int, int, int]:
+    if not isinstance(cfg, PSAConfig):
+        raise ValueError(f"cfg: got {type(cfg).__name__}; allowed: a PSAConfig (from_dict reads the YAML form)")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name}: got {type(x).__name__}; allowed: a torch.Tensor [B, H, L, D]")
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must all be [B, H, L, D] of one shape; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if len(grid) != 3 or any(int(g) < 1 for g in grid):
-        raise ValueError(f"grid must be (T, H, W) of positive ints; got {grid!r}")
-    T, Hh, W = (int(g) for g in grid)
-    if text_len < 0 or q.shape[2] != T * Hh * W + text_len:
+    if not q.dtype == k.dtype == v.dtype or q.dtype not in _INPUT_DTYPES:
+        raise ValueError(f"q, k, v dtype: got {q.dtype}, {k.dtype}, {v.dtype}; allowed: one floating dtype "
+                         f"for all three, of {', '.join(str(d).replace('torch.', '') for d in _INPUT_DTYPES)}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k, v device: got {q.device}, {k.device}, {v.device}; allowed: one device for all three")
+    if q.shape[-1] < 1:
+        raise ValueError(f"head dim (D of [B, H, L, D]): got {q.shape[-1]}; allowed: at least 1")
+    try:
+        dims = tuple(grid)
+    except TypeError:
+        dims = ()
+    if len(dims) != 3:
+        raise ValueError(f"grid: got {grid!r}; allowed: (T, H, W), 3 positive integers")
+    T, Hh, W = (_index(g, f"grid[{i}]", 1) for i, g in enumerate(dims))
+    text_len = _index(text_len, "text_len (with T*H*W + text_len = L)", 0)
+    if q.shape[2] != T * Hh * W + text_len:
         raise ValueError(f"sequence length {q.shape[2]} != T*H*W + text_len = {T}*{Hh}*{W} + {text_len}")
     return T, Hh, W
 
@@ -70,13 +105,28 @@ def kernel_head_dim(head_dim: int) -> bool:
     return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
 
 
+def _triton_interpreted() -> bool:
+    """Triton's interpreter runs the kernels on CPU tensors (the CPU tests use it)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+
+
 def _pick_backend(q: torch.Tensor, backend: str) -> str:
     if backend not in BACKENDS:
-        raise ValueError(f"backend {backend!r}; allowed: {', '.join(BACKENDS)}")
-    if backend != "auto":
-        return backend
-    ok = q.is_cuda and q.dtype in _TRITON_DTYPES and kernel_head_dim(q.shape[-1])
-    return "triton" if ok else "torch"
+        raise ValueError(f"backend: got {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        ok = q.is_cuda and q.dtype in _TRITON_DTYPES and kernel_head_dim(q.shape[-1])
+        return "triton" if ok else "torch"
+    if backend == "triton":
+        why = None
+        if not q.is_cuda and not _triton_interpreted():
+            why = f"tensors on {q.device}: the Triton kernels run on CUDA devices (or under TRITON_INTERPRET=1)"
+        elif q.dtype not in _TRITON_DTYPES:
+            why = f"dtype {q.dtype}: the Triton kernels take float16, bfloat16 and float32"
+        elif not kernel_head_dim(q.shape[-1]):
+            why = f"head dim {q.shape[-1]}: the Triton kernels take powers of two from 16 to 256"
+        if why:
+            raise ValueError(f"backend: got 'triton' for {why}; allowed here: auto, torch")
+    return backend
 
 
 def psa_plan(q: torch.Tensor, k: torch.Tensor, cfg: PSAConfig, grid, text_len: int = 0,
@@ -88,7 +138,7 @@ def psa_plan(q: torch.Tensor, k: torch.Tensor, cfg: PSAConfig, grid, text_len: i
     psa_attention(..., plan=plan) does not build it again. ``heads_per_pass`` bounds the heads
     whose estimate scratch exists at one time (default: all)."""
     keep_pyramid = v is not None
-    _check_inputs(q, k, k if v is None else v, grid, text_len)
+    _check_inputs(q, k, k if v is None else v, cfg, grid, text_len)
     backend = _pick_backend(q, backend)
     m, n = cfg.block_size.m, cfg.block_size.n
     L = q.shape[2]
@@ -142,7 +192,7 @@ def psa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PSACon
     call adds, for this many heads at a time (and the estimate's scratch); by default all
     heads at once when the free device memory holds them, else as many as it holds.
     """
-    _check_inputs(q, k, v, grid, text_len)
+    _check_inputs(q, k, v, cfg, grid, text_len)
     if cfg.is_dense:
         out = F.scaled_dot_product_attention(q, k, v)
         if not return_stats:

@@ -1,18 +1,24 @@
 """Preset and model-section configuration: dataclasses, YAML loading, validation.
 
 The schema is the one of ``configs/attention_config.yaml`` (see configs/README.md).
-Every validation error is a :class:`ConfigError` whose message names the field,
-the bad value and what is allowed, so the ComfyUI nodes can show it verbatim.
+Every validation error is a :class:`ConfigError` whose ``field`` names the value and whose
+message says the bad value and what is allowed, so the ComfyUI nodes can show it verbatim.
+Every way of making a config validates: ``from_dict``, direct construction and ``replace()``.
+Configs are frozen and hashable.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import operator
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
+from .errors import ConfigError
+from .yaml_file import read_yaml_document
 
 # Pyramid levels: 1 = full resolution, 2/4/8 = keys and values mean-pooled by p, 0 = skipped.
 LEVELS = (1, 2, 4, 8, 0)
@@ -25,61 +31,149 @@ PRESET_TYPES = ("psa", "dense")
 BLOCK_SIZES_M = (16, 32, 64, 128)
 BLOCK_SIZES_N = (16, 32, 64, 128)
 TILE_N_SIZES = (16, 32, 64, 128)
+# Bounds past which a value can only be a mistake, and where the layout's int64 index arithmetic
+# or the sampler's step counter would misbehave: a tile as large as the grid is already one tile.
+MAX_WARMUP_STEPS = 10_000
+MAX_TILE = 1024
+MAX_VIDEO_DIVISOR = 1024
+MAX_TEXT_LENGTH = 65_536
 _RATIO_TOL = 1e-6
 
+__all__ = ["ConfigError", "BlockSize", "SimThresholds", "PSAConfig", "VideoScale", "ModelConfig", "FrozenDict",
+           "parse_attention_config", "read_yaml", "load_attention_config"]
 
-class ConfigError(ValueError):
-    """A preset or attention_config.yaml value that cannot be used."""
+
+class _ShortRepr(reprlib.Repr):
+    """Bounded repr for error messages: a hostile value never makes a huge message."""
+
+    def __init__(self):
+        super().__init__()
+        self.maxstring = self.maxother = 80
+        self.maxlevel = 3
+
+    def repr_int(self, x, level):
+        if x.bit_length() > 128:
+            return f"<an integer of about {int(x.bit_length() * 0.30103) + 1} digits>"
+        return repr(x)
+
+
+_SHORT = _ShortRepr()
+
+
+def show(value: Any) -> str:
+    """``repr(value)`` cut to a readable length."""
+    try:
+        text = _SHORT.repr(value)
+    except Exception:  # noqa: BLE001 - a value whose repr fails is still named
+        return f"<a {type(value).__name__}>"
+    return text if len(text) <= 160 else text[:150] + "...(cut)"
 
 
 def _fail(where: str, msg: str) -> None:
-    raise ConfigError(f"{where}: {msg}" if where else msg)
+    raise ConfigError(msg, where)
 
 
 def _as_bool(value: Any, where: str) -> bool:
     if isinstance(value, bool):
         return value
-    _fail(where, f"got {value!r}; allowed: true or false")
+    _fail(where, f"got {show(value)}; allowed: true or false")
 
 
-def _as_int(value: Any, where: str, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-        _fail(where, f"got {value!r}; allowed: an integer")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        _fail(where, f"got {value}; allowed: an integer >= {minimum}")
-    return value
+def _int_range(lo: int | None, hi: int | None) -> str:
+    if lo is not None and hi is not None:
+        return f"an integer in [{lo}, {hi}]"
+    return f"an integer >= {lo}" if lo is not None else "an integer"
+
+
+def _as_int(value: Any, where: str, lo: int | None = None, hi: int | None = None) -> int:
+    """An integer (integral floats such as ``128.0`` too) within [lo, hi]."""
+    number = None
+    if isinstance(value, float):
+        if math.isfinite(value) and value.is_integer():
+            number = int(value)
+    elif not isinstance(value, bool):
+        try:
+            number = operator.index(value)
+        except TypeError:
+            pass
+    if number is None or (lo is not None and number < lo) or (hi is not None and number > hi):
+        _fail(where, f"got {show(value)}; allowed: {_int_range(lo, hi)}")
+    return number
+
+
+def _as_size(value: Any, where: str, allowed: tuple, note: str = "") -> int:
+    number = None
+    try:
+        number = _as_int(value, where)
+    except ConfigError:
+        pass
+    if number not in allowed:
+        kind = "" if number is not None else "one of the integers "
+        _fail(where, f"got {show(value)}; allowed{note}: {kind}{', '.join(map(str, allowed))}")
+    return number
 
 
 def _as_float(value: Any, where: str, lo: float, hi: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        _fail(where, f"got {value!r}; allowed: a number in [{lo}, {hi}]")
-    if not lo <= value <= hi:
-        _fail(where, f"got {value}; allowed: a number in [{lo}, {hi}]")
-    return float(value)
+    number = None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (OverflowError, ValueError):
+            pass
+    if number is None or not math.isfinite(number) or not lo <= number <= hi:
+        _fail(where, f"got {show(value)}; allowed: a number in [{lo}, {hi}]")
+    return number
 
 
-def _choice(value: Any, where: str, allowed: tuple, case_insensitive: bool = False) -> Any:
-    if case_insensitive and isinstance(value, str):
+def _choice(value: Any, where: str, allowed: tuple) -> str:
+    """One of ``allowed``, matched regardless of case (YAML files spell them either way)."""
+    if isinstance(value, str):
         for a in allowed:
             if a.lower() == value.lower():
                 return a
-    if value in allowed:
-        return value
-    _fail(where, f"got {value!r}; allowed: {', '.join(map(str, allowed))}")
+    _fail(where, f"got {show(value)}; allowed: {', '.join(map(str, allowed))}")
 
 
 def _mapping(value: Any, where: str) -> Mapping:
     if not isinstance(value, Mapping):
-        _fail(where, f"got {value!r}; allowed: a mapping")
+        _fail(where, f"got {show(value)}; allowed: a mapping")
     return value
+
+
+def _text(value: Any) -> str:
+    """``str(value)``, or its short repr where Python cannot print it."""
+    try:
+        return value if isinstance(value, str) else str(value)
+    except Exception:  # noqa: BLE001
+        return show(value)
+
+
+def _key(key: Any) -> str:
+    """A mapping key as it appears in a field path (cut when absurdly long)."""
+    text = _text(key)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _no_unknown_keys(d: Mapping, known: tuple, where: str) -> None:
     unknown = [k for k in d if k not in known]
     if unknown:
-        _fail(f"{where}.{unknown[0]}" if where else str(unknown[0]),
+        _fail(f"{where}.{_key(unknown[0])}" if where else _key(unknown[0]),
               f"unknown field; allowed: {', '.join(known)}")
+
+
+class FrozenDict(dict):
+    """A dict that cannot change after validation, so configs holding one stay valid and hashable."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("a validated config cannot be changed in place; use PSAConfig.replace()")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _refuse
+
+    def __hash__(self):
+        return hash(frozenset(self.items()))
+
+    def __reduce__(self):
+        return type(self), (dict(self),)
 
 
 @dataclass(frozen=True)
@@ -90,6 +184,14 @@ class BlockSize:
     n: int = 64
     tile_n: int = 32
 
+    def __post_init__(self):
+        m = _as_size(self.m, "block_size.m", BLOCK_SIZES_M)
+        n = _as_size(self.n, "block_size.n", BLOCK_SIZES_N)
+        tile_n = _as_size(self.tile_n, "block_size.tile_n", tuple(t for t in TILE_N_SIZES if t <= n),
+                          f" with n={n}")
+        for name, value in (("m", m), ("n", n), ("tile_n", tile_n)):
+            object.__setattr__(self, name, value)
+
 
 @dataclass(frozen=True)
 class SimThresholds:
@@ -97,6 +199,10 @@ class SimThresholds:
     x2: float = 0.7
     x4: float = 0.65
     x8: float = 0.6
+
+    def __post_init__(self):
+        for name in ("x2", "x4", "x8"):
+            object.__setattr__(self, name, _as_float(getattr(self, name), f"sim_thresholds.{name}", -1.0, 1.0))
 
     def for_level(self, p: int) -> float:
         return {2: self.x2, 4: self.x4, 8: self.x8}[p]
@@ -118,7 +224,7 @@ class PSAConfig:
     use_rearrange: bool = True
     use_sim_mask: bool = False
     block_size: BlockSize = BlockSize()
-    mask_ratios: dict = field(default_factory=lambda: dict(DEFAULT_MASK_RATIOS))
+    mask_ratios: Mapping = field(default_factory=lambda: FrozenDict(DEFAULT_MASK_RATIOS))
     mask_mode: str = "thresholdbound"
     attn_impl: str = "new_mask_type"
     tile_size: tuple = (2, 8, 8)
@@ -136,8 +242,37 @@ class PSAConfig:
     given: frozenset = field(default=frozenset(_PRESET_FIELDS), compare=False, repr=False)
 
     def __post_init__(self):
-        # Re-validate so that dataclasses.replace() and direct construction are checked too.
-        self._validate_self()
+        # Every construction path lands here (from_dict, PSAConfig(...), replace()): validate and
+        # normalise each field, naming it, so no path makes a config the kernels cannot run.
+        for name, value in self._validated().items():
+            object.__setattr__(self, name, value)
+
+    def _validated(self) -> dict:
+        out = {"type": _choice(self.type, "type", PRESET_TYPES)}
+        if not isinstance(self.description, str):
+            _fail("description", f"got {show(self.description)}; allowed: text")
+        for name in ("use_rearrange", "use_sim_mask", "verbose", "use_pooled_tail"):
+            out[name] = _as_bool(getattr(self, name), name)
+        if not isinstance(self.block_size, BlockSize):
+            _fail("block_size", f"got {show(self.block_size)}; allowed: a BlockSize(m, n, tile_n)")
+        out["mask_ratios"] = _parse_mask_ratios(self.mask_ratios, "mask_ratios")
+        out["mask_mode"] = _choice(self.mask_mode, "mask_mode", MASK_MODES)
+        out["attn_impl"] = _choice(self.attn_impl, "attn_impl", ATTN_IMPLS)
+        ts = self.tile_size
+        if not isinstance(ts, (list, tuple)) or len(ts) != 3:
+            _fail("tile_size", f"got {show(ts)}; allowed: a list of 3 positive integers [depth, height, width], "
+                               f"each at most {MAX_TILE}")
+        out["tile_size"] = tuple(_as_int(x, f"tile_size[{i}]", 1, MAX_TILE) for i, x in enumerate(ts))
+        out["warmup_steps"] = _as_int(self.warmup_steps, "warmup_steps", 0, MAX_WARMUP_STEPS)
+        out["rearrange_method"] = _choice(self.rearrange_method, "rearrange_method", REARRANGE_METHODS)
+        out["estimate_method"] = _choice(self.estimate_method, "estimate_method", ESTIMATE_METHODS)
+        if not isinstance(self.sim_thresholds, SimThresholds):
+            _fail("sim_thresholds", f"got {show(self.sim_thresholds)}; allowed: a SimThresholds(x2, x4, x8)")
+        given = self.given
+        if not isinstance(given, (set, frozenset)) or not given <= set(_PRESET_FIELDS):
+            _fail("given", f"got {show(given)}; allowed: a set of preset field names")
+        out["given"] = frozenset(given)
+        return out
 
     @property
     def is_dense(self) -> bool:
@@ -148,80 +283,36 @@ class PSAConfig:
     def from_dict(cls, d: Mapping, where: str = "") -> "PSAConfig":
         """Read a preset in the YAML form of configs/attention_config.yaml.
 
-        ``where`` prefixes error messages (e.g. ``"Wan2.1_1.3b.attention_configs.my_preset"``).
+        ``where`` prefixes the error's field (e.g. ``"Wan2.1_1.3b.attention_configs.my_preset"``).
         """
-        p = (lambda f: f"{where}.{f}" if where else f)
         d = _mapping(d, where or "preset")
-        _no_unknown_keys(d, _PRESET_FIELDS, where)
-        kw: dict[str, Any] = {}
-        if "type" in d:
-            kw["type"] = _choice(d["type"], p("type"), PRESET_TYPES, case_insensitive=True)
+        try:
+            return cls._from_mapping(d)
+        except ConfigError as e:
+            raise e.located(prefix=where) from None
+
+    @classmethod
+    def _from_mapping(cls, d: Mapping) -> "PSAConfig":
+        _no_unknown_keys(d, _PRESET_FIELDS, "")
+        kw: dict[str, Any] = {k: d[k] for k in ("type", "use_rearrange", "use_sim_mask", "verbose",
+                                                 "use_pooled_tail", "mask_ratios", "mask_mode", "attn_impl",
+                                                 "tile_size", "warmup_steps", "rearrange_method", "estimate_method") if k in d}
         if "description" in d:
             desc = d["description"]
-            kw["description"] = "" if desc is None else str(desc)
-        for name in ("use_rearrange", "use_sim_mask", "verbose", "use_pooled_tail"):
-            if name in d:
-                kw[name] = _as_bool(d[name], p(name))
+            kw["description"] = "" if desc is None else _text(desc)
         if "block_size" in d:
-            bs = _mapping(d["block_size"], p("block_size"))
-            _no_unknown_keys(bs, ("m", "n", "tile_n"), p("block_size"))
+            bs = _mapping(d["block_size"], "block_size")
+            _no_unknown_keys(bs, ("m", "n", "tile_n"), "block_size")
             default = BlockSize()
-            m = _as_int(bs.get("m", default.m), p("block_size.m"))
-            n = _as_int(bs.get("n", default.n), p("block_size.n"))
-            tile_n = _as_int(bs.get("tile_n", min(default.tile_n, n)), p("block_size.tile_n"))
-            kw["block_size"] = BlockSize(m=m, n=n, tile_n=tile_n)
-        if "mask_ratios" in d:
-            kw["mask_ratios"] = _parse_mask_ratios(d["mask_ratios"], p("mask_ratios"))
-        if "mask_mode" in d:
-            kw["mask_mode"] = _choice(d["mask_mode"], p("mask_mode"), MASK_MODES, case_insensitive=True)
-        if "attn_impl" in d:
-            kw["attn_impl"] = _choice(d["attn_impl"], p("attn_impl"), ATTN_IMPLS, case_insensitive=True)
-        if "tile_size" in d:
-            ts = d["tile_size"]
-            if not isinstance(ts, (list, tuple)) or len(ts) != 3:
-                _fail(p("tile_size"), f"got {ts!r}; allowed: a list of 3 positive integers [depth, height, width]")
-            kw["tile_size"] = tuple(_as_int(x, p(f"tile_size[{i}]"), 1) for i, x in enumerate(ts))
-        if "warmup_steps" in d:
-            kw["warmup_steps"] = _as_int(d["warmup_steps"], p("warmup_steps"), 0)
-        if "estimate_method" in d:
-            kw["estimate_method"] = _choice(d["estimate_method"], p("estimate_method"), ESTIMATE_METHODS,
-                                            case_insensitive=True)
-        if "rearrange_method" in d:
-            kw["rearrange_method"] = _choice(d["rearrange_method"], p("rearrange_method"),
-                                             REARRANGE_METHODS, case_insensitive=True)
+            n = bs.get("n", default.n)
+            default_tile = min(default.tile_n, n) if isinstance(n, int) and not isinstance(n, bool) else default.tile_n
+            kw["block_size"] = BlockSize(m=bs.get("m", default.m), n=n, tile_n=bs.get("tile_n", default_tile))
         if "sim_thresholds" in d:
-            st = _mapping(d["sim_thresholds"], p("sim_thresholds"))
-            _no_unknown_keys(st, ("x2", "x4", "x8"), p("sim_thresholds"))
-            default = SimThresholds()
-            kw["sim_thresholds"] = SimThresholds(**{
-                k: _as_float(st.get(k, getattr(default, k)), p(f"sim_thresholds.{k}"), -1.0, 1.0)
-                for k in ("x2", "x4", "x8")})
+            st = _mapping(d["sim_thresholds"], "sim_thresholds")
+            _no_unknown_keys(st, ("x2", "x4", "x8"), "sim_thresholds")
+            kw["sim_thresholds"] = SimThresholds(**{k: st[k] for k in ("x2", "x4", "x8") if k in st})
         kw["given"] = frozenset(k for k in d if k in _PRESET_FIELDS)
-        try:
-            return cls(**kw)
-        except ConfigError as e:
-            # __post_init__ messages name the field without the prefix; add it.
-            raise ConfigError(f"{where}.{e}" if where else str(e)) from None
-
-    def _validate_self(self) -> None:
-        bs = self.block_size
-        _choice(self.type, "type", PRESET_TYPES)
-        if bs.m not in BLOCK_SIZES_M:
-            _fail("block_size.m", f"got {bs.m}; allowed: {', '.join(map(str, BLOCK_SIZES_M))}")
-        if bs.n not in BLOCK_SIZES_N:
-            _fail("block_size.n", f"got {bs.n}; allowed: {', '.join(map(str, BLOCK_SIZES_N))}")
-        if bs.tile_n not in TILE_N_SIZES or bs.tile_n > bs.n:
-            allowed = [t for t in TILE_N_SIZES if t <= bs.n]
-            _fail("block_size.tile_n", f"got {bs.tile_n}; allowed with n={bs.n}: {', '.join(map(str, allowed))}")
-        _parse_mask_ratios(self.mask_ratios, "mask_ratios")
-        _choice(self.mask_mode, "mask_mode", MASK_MODES)
-        _choice(self.attn_impl, "attn_impl", ATTN_IMPLS)
-        _choice(self.rearrange_method, "rearrange_method", REARRANGE_METHODS)
-        _choice(self.estimate_method, "estimate_method", ESTIMATE_METHODS)
-        if len(self.tile_size) != 3 or any(int(t) < 1 for t in self.tile_size):
-            _fail("tile_size", f"got {list(self.tile_size)!r}; allowed: 3 positive integers [depth, height, width]")
-        if self.warmup_steps < 0:
-            _fail("warmup_steps", f"got {self.warmup_steps}; allowed: an integer >= 0")
+        return cls(**kw)
 
     # ------------------------------------------------------------------ writing
     def to_dict(self) -> dict:
@@ -249,30 +340,39 @@ class PSAConfig:
         return full
 
     def replace(self, **changes) -> "PSAConfig":
-        """A copy with some fields changed (validated); changed fields count as given."""
-        given = self.given | frozenset(changes)
-        return dataclasses.replace(self, given=given, **changes)
+        """A copy with some fields changed (validated like any other); changed fields count as given."""
+        unknown = [k for k in changes if k not in _PRESET_FIELDS]
+        if unknown:
+            _fail(_key(unknown[0]), f"unknown field; allowed: {', '.join(_PRESET_FIELDS)}")
+        return dataclasses.replace(self, given=self.given | frozenset(changes), **changes)
 
     def level_ranges(self) -> list[tuple[int, float, float]]:
         """``(level, lo, hi)`` in level order 1, 2, 4, 8, 0, absent levels left out."""
         return [(lvl, *self.mask_ratios[lvl]) for lvl in LEVELS if lvl in self.mask_ratios]
 
 
-def _parse_mask_ratios(value: Any, where: str) -> dict:
+def _level(key: Any) -> int | None:
+    if isinstance(key, bool) or (isinstance(key, float) and not key.is_integer()):
+        return None
+    try:
+        lvl = int(key)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return lvl if lvl in LEVELS else None
+
+
+def _parse_mask_ratios(value: Any, where: str) -> FrozenDict:
     """Levels -> (lo, hi); the ranges must join end to end from 0 to 1 in level order 1, 2, 4, 8, 0."""
     value = _mapping(value, where)
     out: dict[int, tuple[float, float]] = {}
     for key, rng in value.items():
-        try:
-            lvl = int(key)
-        except (TypeError, ValueError):
-            lvl = None
-        if lvl not in LEVELS or isinstance(key, bool) or (isinstance(key, float) and key != lvl):
-            _fail(f"{where}.{key}", f"unknown level {key!r}; allowed levels: 1, 2, 4, 8, 0")
+        lvl = _level(key)
+        if lvl is None:
+            _fail(f"{where}.{_key(key)}", f"unknown level {show(key)}; allowed levels: 1, 2, 4, 8, 0")
         if lvl in out:
-            _fail(f"{where}.{key}", f"level {lvl} is given twice")
+            _fail(f"{where}.{_key(key)}", f"level {lvl} is given twice")
         if not isinstance(rng, (list, tuple)) or len(rng) != 2:
-            _fail(f"{where}.{lvl}", f"got {rng!r}; allowed: a range [lo, hi] with 0 <= lo <= hi <= 1")
+            _fail(f"{where}.{lvl}", f"got {show(rng)}; allowed: a range [lo, hi] with 0 <= lo <= hi <= 1")
         lo = _as_float(rng[0], f"{where}.{lvl}[0]", 0.0, 1.0)
         hi = _as_float(rng[1], f"{where}.{lvl}[1]", 0.0, 1.0)
         if lo > hi:
@@ -291,7 +391,7 @@ def _parse_mask_ratios(value: Any, where: str) -> dict:
     if abs(expected - 1.0) > _RATIO_TOL:
         _fail(where, f"the last range ends at {expected}; the ranges must reach 1.0 "
                      "(give level 0 the rest to skip it)")
-    return {lvl: out[lvl] for lvl in LEVELS if lvl in out}
+    return FrozenDict((lvl, out[lvl]) for lvl in LEVELS if lvl in out)
 
 
 # ---------------------------------------------------------------------- model sections
@@ -302,40 +402,61 @@ class VideoScale:
     height_divisor: int = 16
     depth_divisor: int = 4
 
+    def __post_init__(self):
+        for name in ("width_divisor", "height_divisor", "depth_divisor"):
+            object.__setattr__(self, name, _as_int(getattr(self, name), f"video_scale.{name}", 1, MAX_VIDEO_DIVISOR))
+
 
 _MODEL_FIELDS = ("default_attention", "video_scale", "text_length", "attention_configs")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """One model section of attention_config.yaml."""
+    """One model section of attention_config.yaml; errors name the field under the section."""
     name: str
     default_attention: str
     video_scale: VideoScale = VideoScale()
     text_length: int = 0
-    attention_configs: dict = field(default_factory=dict)  # name -> PSAConfig
+    attention_configs: Mapping = field(default_factory=FrozenDict)  # name -> PSAConfig
+
+    def __post_init__(self):
+        name = self.name
+        if not isinstance(name, str) or not name:
+            _fail("name", f"got {show(name)}; allowed: a non-empty section name")
+        presets = _mapping(self.attention_configs, f"{name}.attention_configs")
+        for key, preset in presets.items():
+            if not isinstance(key, str) or not isinstance(preset, PSAConfig):
+                _fail(f"{name}.attention_configs.{_key(key)}",
+                      f"got {show(preset)}; allowed: a PSAConfig under a text name")
+        if not presets:
+            _fail(f"{name}.attention_configs", "no presets; add at least one preset")
+        default = self.default_attention
+        if not isinstance(default, str) or default not in presets:
+            _fail(f"{name}.default_attention",
+                  f"got {show(default)}; allowed: one of this section's presets: {', '.join(presets)}")
+        if not isinstance(self.video_scale, VideoScale):
+            _fail(f"{name}.video_scale", f"got {show(self.video_scale)}; allowed: a VideoScale")
+        object.__setattr__(self, "text_length",
+                           _as_int(self.text_length, f"{name}.text_length", 0, MAX_TEXT_LENGTH))
+        object.__setattr__(self, "attention_configs", FrozenDict(presets))
 
     @classmethod
     def from_dict(cls, name: str, d: Mapping) -> "ModelConfig":
         d = _mapping(d, name)
         _no_unknown_keys(d, _MODEL_FIELDS, name)
         presets_raw = _mapping(d.get("attention_configs") or {}, f"{name}.attention_configs")
-        presets = {str(k): PSAConfig.from_dict(v, f"{name}.attention_configs.{k}")
+        presets = {_text(k): PSAConfig.from_dict(v, f"{name}.attention_configs.{_key(k)}")
                    for k, v in presets_raw.items()}
         if not presets:
             _fail(f"{name}.attention_configs", "no presets; add at least one preset")
-        default = d.get("default_attention", next(iter(presets)))
-        if default not in presets:
-            _fail(f"{name}.default_attention",
-                  f"got {default!r}; allowed: one of this section's presets: {', '.join(presets)}")
         vs_raw = _mapping(d.get("video_scale") or {}, f"{name}.video_scale")
         _no_unknown_keys(vs_raw, ("width_divisor", "height_divisor", "depth_divisor"), f"{name}.video_scale")
-        vs_default = VideoScale()
-        vs = VideoScale(**{k: _as_int(vs_raw.get(k, getattr(vs_default, k)), f"{name}.video_scale.{k}", 1)
-                           for k in ("width_divisor", "height_divisor", "depth_divisor")})
-        text_length = _as_int(d.get("text_length", 0), f"{name}.text_length", 0)
-        return cls(name=name, default_attention=default, video_scale=vs,
-                   text_length=text_length, attention_configs=presets)
+        try:
+            vs = VideoScale(**vs_raw)
+        except ConfigError as e:
+            raise e.located(prefix=name) from None
+        return cls(name=name, default_attention=d.get("default_attention", next(iter(presets))), video_scale=vs,
+                   text_length=d.get("text_length", 0), attention_configs=presets)
 
     def to_dict(self) -> dict:
         return {
@@ -347,9 +468,9 @@ class ModelConfig:
 
     def preset(self, name: str | None = None) -> PSAConfig:
         name = name or self.default_attention
-        if name not in self.attention_configs:
+        if not isinstance(name, str) or name not in self.attention_configs:
             _fail(f"{self.name}.attention_configs",
-                  f"unknown preset {name!r}; allowed: {', '.join(self.attention_configs)}")
+                  f"unknown preset {show(name)}; allowed: {', '.join(self.attention_configs)}")
         return self.attention_configs[name]
 
 
@@ -357,39 +478,35 @@ def parse_attention_config(data: Any, source: str = "attention_config.yaml") -> 
     """Model sections from an already-parsed YAML document."""
     if data is None:
         return {}
-    data = _mapping(data, source)
-    return {str(name): ModelConfig.from_dict(str(name), section) for name, section in data.items()}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"got {show(data)}; allowed: a mapping of model section names to sections", file=source)
+    return {_text(name): ModelConfig.from_dict(_text(name), section) for name, section in data.items()}
 
 
 def read_yaml(path: str | Path, missing_ok: bool = False) -> Any:
-    """Parsed YAML of a file (None when empty, or missing with ``missing_ok``).
-
-    Raises ConfigError naming the file, and the line for YAML syntax errors."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    """Parsed YAML of a file (None when empty, or missing with ``missing_ok``), read within the
+    bounds of :mod:`psa_kernels.yaml_file`. Raises ConfigError naming the file and the line."""
+    doc = read_yaml_document(path)
+    if doc is None:
         if missing_ok:
             return None
-        raise ConfigError(f"{path}: cannot read: no such file") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(f"{path}{at}: malformed YAML: {problem}") from None
+        raise ConfigError("cannot read: no such file", file=str(path))
+    if doc.lossy:
+        raise doc.lossy[0]
+    return doc.data
 
 
 def load_attention_config(path: str | Path) -> dict[str, ModelConfig]:
     """Load a whole attention_config.yaml into ``{section name: ModelConfig}``.
 
-    Raises ConfigError naming the file (and line, for YAML syntax errors) or the field.
+    Raises ConfigError naming the file, the line and the field.
     """
-    data = read_yaml(path)
+    doc = read_yaml_document(path)
+    if doc is None:
+        raise ConfigError("cannot read: no such file", file=str(path))
+    if doc.lossy:
+        raise doc.lossy[0]
     try:
-        return parse_attention_config(data, str(path))
+        return parse_attention_config(doc.data, str(path))
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise doc.locate(e) from None

@@ -76,7 +76,10 @@ def test_malformed_user_yaml_keeps_every_shipped_preset(tmp_path):
     shipped = store(tmp_path / "clean")[0].library()
     assert {k: v.attention_configs for k, v in lib.sections.items()} == \
            {k: v.attention_configs for k, v in shipped.sections.items()}
-    assert len(lib.problems) == 1 and "malformed YAML" in lib.problems[0] and "line 4" in lib.problems[0]
+    assert len(lib.problems) == 1
+    problem = lib.problems[0]
+    assert problem.file == str(tmp_path / "user" / "attention_presets.yaml") and problem.line == 4
+    assert "malformed YAML" in problem.message and "line 4" in str(problem)
 
 
 def test_bad_user_preset_or_field_falls_back_to_shipped(tmp_path):
@@ -92,8 +95,12 @@ Wan2.1_14b:
     assert section.attention_configs["psa_balanced"].mask_ratios[1] == (0.0, 0.4)
     assert "broken" not in section.attention_configs
     assert section.video_scale.width_divisor == 16
-    text = "\n".join(lib.problems)
-    assert "mask_ratios.0" in text and "block_size.m" in text and "video_scale.width_divisor" in text
+    user = str(tmp_path / "user" / "attention_presets.yaml")
+    found = {(p.file, p.line, p.field) for p in lib.problems}
+    assert found == {(user, 5, "Wan2.1_14b.attention_configs.psa_balanced.mask_ratios.0"),
+                     (user, 6, "Wan2.1_14b.attention_configs.broken.block_size.m"),
+                     (user, 3, "Wan2.1_14b.video_scale.width_divisor")}
+    assert all(p.message.startswith("got ") or "out of order" in p.message for p in lib.problems)
 
 
 def test_save_new_unchanged_taken_and_overwrite(tmp_path):

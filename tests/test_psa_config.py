@@ -2,14 +2,16 @@
 round-trips, and every bad value is rejected with a message that names the field path and
 what is allowed."""
 import copy
+import dataclasses
 import json
+import pickle
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from psa_kernels.config import (BlockSize, ConfigError, ModelConfig, PSAConfig, SimThresholds,
+from psa_kernels.config import (BlockSize, ConfigError, ModelConfig, PSAConfig, SimThresholds, VideoScale,
                                 load_attention_config, parse_attention_config)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -268,11 +270,11 @@ BAD_PRESETS = [
      ["48", "16, 32, 64"]),
     ("unknown block field", {"block_size": {"m": 128, "n": 64, "k": 32}}, ".block_size.k",
      ["unknown field", "m, n, tile_n"]),
-    ("negative warmup", {"warmup_steps": -1}, ".warmup_steps", ["-1", ">= 0"]),
+    ("negative warmup", {"warmup_steps": -1}, ".warmup_steps", ["-1", "[0, 10000]"]),
     ("fractional warmup", {"warmup_steps": 2.5}, ".warmup_steps", ["2.5", "integer"]),
     ("tile_size of 2", {"tile_size": [2, 8]}, ".tile_size", ["[2, 8]", "3 positive integers"]),
     ("tile_size string", {"tile_size": "2x8x8"}, ".tile_size", ["'2x8x8'", "3 positive integers"]),
-    ("tile_size zero", {"tile_size": [2, 0, 8]}, ".tile_size[1]", ["0", ">= 1"]),
+    ("tile_size zero", {"tile_size": [2, 0, 8]}, ".tile_size[1]", ["0", "[1, 1024]"]),
     ("sim threshold too high", {"sim_thresholds": {"x2": 0.7, "x4": 1.5, "x8": 0.6}},
      ".sim_thresholds.x4", ["1.5", "[-1.0, 1.0]"]),
     ("sim threshold not a number", {"sim_thresholds": {"x2": "high", "x4": 0.65, "x8": 0.6}},
@@ -339,9 +341,9 @@ def test_model_section_errors():
         parse_attention_config(_section({"a": {}}, speed=2))
     with pytest.raises(ConfigError, match=r"^W\.attention_configs: no presets"):
         parse_attention_config(_section({}))
-    with pytest.raises(ConfigError, match=r"^W\.text_length: got -3; allowed: an integer >= 0"):
+    with pytest.raises(ConfigError, match=r"^W\.text_length: got -3; allowed: an integer in \[0, 65536\]"):
         parse_attention_config(_section({"a": {}}, text_length=-3))
-    with pytest.raises(ConfigError, match=r"^W\.video_scale\.depth_divisor: got 0; allowed: an integer >= 1"):
+    with pytest.raises(ConfigError, match=r"^W\.video_scale\.depth_divisor: got 0; allowed: an integer in \[1, 1024\]"):
         parse_attention_config(_section({"a": {}}, video_scale={"depth_divisor": 0}))
     with pytest.raises(ConfigError, match=r"^W\.attention_configs\.a\.mask_mode: got 'x'; allowed: "):
         parse_attention_config(_section({"a": {"mask_mode": "x"}}))
@@ -393,3 +395,115 @@ def test_missing_file(tmp_path):
 def test_sim_thresholds_for_level():
     st = SimThresholds(x2=0.5, x4=0.4, x8=0.3)
     assert [st.for_level(p) for p in (2, 4, 8)] == [0.5, 0.4, 0.3]
+
+
+# ----------------------------------------------------------------------------- every construction path
+
+# (field, a bad value, the field the error must name, words of the message)
+BAD_FIELD_VALUES = [
+    ("type", "sparse", "type", ["'sparse'", "psa, dense"]),
+    ("description", 5, "description", ["5", "text"]),
+    ("use_rearrange", "no", "use_rearrange", ["'no'", "true or false"]),
+    ("use_sim_mask", 1, "use_sim_mask", ["1", "true or false"]),
+    ("verbose", None, "verbose", ["None", "true or false"]),
+    ("use_pooled_tail", "yes", "use_pooled_tail", ["'yes'", "true or false"]),
+    ("block_size", {"m": 64}, "block_size", ["BlockSize"]),
+    ("mask_ratios", {1: (0.0, 0.5)}, "mask_ratios", ["1.0"]),
+    ("mask_ratios", {1: (0.0, float("nan")), 0: (0.5, 1.0)}, "mask_ratios.1[1]", ["nan", "[0.0, 1.0]"]),
+    ("mask_mode", "fast", "mask_mode", ["'fast'", "thresholdbound, topk"]),
+    ("attn_impl", 3, "attn_impl", ["3", "new_mask_type"]),
+    ("tile_size", (2, 8), "tile_size", ["(2, 8)", "3 positive integers"]),
+    ("tile_size", (10 ** 30, 8, 8), "tile_size[0]", ["[1, 1024]"]),
+    ("tile_size", (2.5, 8, 8), "tile_size[0]", ["2.5", "[1, 1024]"]),
+    ("warmup_steps", float("inf"), "warmup_steps", ["inf", "[0, 10000]"]),
+    ("warmup_steps", 10 ** 5000, "warmup_steps", ["digits", "[0, 10000]"]),
+    ("warmup_steps", 10_001, "warmup_steps", ["10001", "[0, 10000]"]),
+    ("rearrange_method", ["Gilbert"], "rearrange_method", ["['Gilbert']", "Gilbert, Tiled"]),
+    ("sim_thresholds", (0.5, 0.5, 0.5), "sim_thresholds", ["SimThresholds"]),
+]
+
+
+@pytest.mark.parametrize("name,value,field,words", BAD_FIELD_VALUES, ids=[f"{b[0]}={b[2]}" for b in BAD_FIELD_VALUES])
+def test_replace_and_direct_construction_validate_every_field(name, value, field, words):
+    for make in (lambda: PSAConfig().replace(**{name: value}), lambda: PSAConfig(**{name: value})):
+        with pytest.raises(ConfigError) as e:
+            make()
+        assert e.value.field == field, str(e.value)
+        assert str(e.value).startswith(f"{field}: got ") or field == "mask_ratios", str(e.value)
+        for word in words:
+            assert word in e.value.reason, (word, str(e.value))
+        assert len(str(e.value)) < 300
+
+
+def test_replace_names_an_unknown_field():
+    with pytest.raises(ConfigError) as e:
+        PSAConfig().replace(use_sparse=True)
+    assert e.value.field == "use_sparse" and "unknown field" in e.value.reason
+
+
+def test_nested_types_validate_on_construction():
+    for make, field in [(lambda: BlockSize(m=100), "block_size.m"),
+                        (lambda: BlockSize(n=32, tile_n=64), "block_size.tile_n"),
+                        (lambda: SimThresholds(x4=2.0), "sim_thresholds.x4"),
+                        (lambda: VideoScale(depth_divisor=0), "video_scale.depth_divisor")]:
+        with pytest.raises(ConfigError) as e:
+            make()
+        assert e.value.field == field
+
+
+def test_model_config_validates_on_construction():
+    preset = PSAConfig()
+    with pytest.raises(ConfigError) as e:
+        ModelConfig(name="W", default_attention=["a"], attention_configs={"a": preset})
+    assert e.value.field == "W.default_attention" and "['a']" in e.value.reason
+    with pytest.raises(ConfigError) as e:
+        ModelConfig(name="W", default_attention="a", attention_configs={"a": {"type": "psa"}})
+    assert e.value.field == "W.attention_configs.a"
+    with pytest.raises(ConfigError) as e:
+        ModelConfig(name="W", default_attention="a", attention_configs={"a": preset}, text_length=-1)
+    assert e.value.field == "W.text_length"
+
+
+def test_configs_are_hashable_frozen_and_equal_to_their_copies():
+    a = PSAConfig.from_dict({"mask_mode": "topk", "mask_ratios": {1: [0.0, 0.3], 0: [0.3, 1.0]}})
+    b = PSAConfig(mask_mode="TopK", mask_ratios={0: [0.3, 1.0], 1: [0.0, 0.3]}, tile_size=[2, 8, 8])
+    assert a == b and hash(a) == hash(b) and len({a, b, PSAConfig()}) == 2
+    assert a.mask_ratios == {1: (0.0, 0.3), 0: (0.3, 1.0)} and a.tile_size == (2, 8, 8)
+    with pytest.raises(TypeError, match="cannot be changed in place"):
+        a.mask_ratios[1] = (0.0, 0.5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.warmup_steps = 3
+    assert copy.deepcopy(a) == a and pickle.loads(pickle.dumps(a)) == a
+    section = parse_attention_config({"W": {"attention_configs": {"a": a.to_dict()}}})["W"]
+    assert hash(section) == hash(copy.deepcopy(section))
+    assert json.loads(json.dumps({"mask_ratios": a.mask_ratios})) == {"mask_ratios": {"1": [0.0, 0.3], "0": [0.3, 1.0]}}
+
+
+def test_config_error_carries_field_file_and_line(tmp_path):
+    path = tmp_path / "attention_config.yaml"
+    path.write_text("W:\n  text_length: 3\n  attention_configs:\n    a:\n      mask_mode: topk\n"
+                    "      tile_size: [2, 0, 8]\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as e:
+        load_attention_config(path)
+    err = e.value
+    assert (err.file, err.line, err.field) == (str(path), 6, "W.attention_configs.a.tile_size[1]")
+    assert err.reason == "got 0; allowed: an integer in [1, 1024]"
+    assert str(err) == f"{path} (line 6): W.attention_configs.a.tile_size[1]: {err.reason}"
+    again = pickle.loads(pickle.dumps(err))
+    assert (again.file, again.line, again.field, str(again)) == (err.file, err.line, err.field, str(err))
+
+
+def test_section_level_errors_carry_file_and_line(tmp_path):
+    path = tmp_path / "attention_config.yaml"
+    path.write_text("W:\n  attention_configs:\n    a: {}\nV: 3\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as e:
+        load_attention_config(path)
+    assert (e.value.file, e.value.line, e.value.field) == (str(path), 4, "V")
+    path.write_text("W:\n  speed: 2\n  attention_configs:\n    a: {}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as e:
+        load_attention_config(path)
+    assert (e.value.line, e.value.field) == (2, "W.speed")
+    path.write_text("W:\n  default_attention: b\n  attention_configs: {}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as e:
+        load_attention_config(path)
+    assert (e.value.line, e.value.field) == (3, "W.attention_configs")

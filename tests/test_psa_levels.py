@@ -298,7 +298,8 @@ def test_similarity_guard_threshold_extremes(n):
     sim = key_similarity(k, n, L)
     lax = PSAConfig.from_dict({"use_sim_mask": True, "sim_thresholds": {"x2": -1.0, "x4": -1.0, "x8": -1.0}})
     assert torch.equal(apply_similarity_guard(levels, sim, lax), levels)
-    strict = PSAConfig(use_sim_mask=True, sim_thresholds=SimThresholds(2.0, 2.0, 2.0))
+    # 1.0, the largest threshold a config allows: only identical keys reach it, these never do
+    strict = PSAConfig(use_sim_mask=True, sim_thresholds=SimThresholds(1.0, 1.0, 1.0))
     out = apply_similarity_guard(levels, sim, strict)
     assert torch.equal(out, torch.where(levels == 0, levels, torch.ones_like(levels)))
 
