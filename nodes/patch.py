@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -186,12 +187,11 @@ def describe(fn) -> str:
     name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
     name = name.replace(".<locals>", "")
     module = getattr(fn, "__module__", "") or ""
-    # set_model_optimized_attention (Model Attention Backend) wraps the chosen backend in a closure
-    backends = [c.cell_contents.__name__ for c in getattr(fn, "__closure__", None) or ()
-                if callable(getattr(c, "cell_contents", None)) and hasattr(c.cell_contents, "__name__")
-                and str(getattr(c.cell_contents, "__module__", "")).startswith("comfy.ldm")]
     text = f"{module}.{name}" if module and not module.startswith("comfy.ldm") else name
-    return f"{text} -> {backends[0]}" if backends else text
+    # set_model_optimized_attention (Model Attention Backend) holds the chosen backend in a closure
+    inner = [c.cell_contents for c in getattr(fn, "__closure__", None) or ()
+             if isinstance(getattr(c, "cell_contents", None), types.FunctionType)]
+    return f"{text} -> {inner[0].__name__}" if len(inner) == 1 else text
 
 
 # ---------------------------------------------------------------------- the patch
@@ -317,9 +317,9 @@ class PSAModelPatch:
         q, k, heads = a["q"], a["k"], a["heads"]
         skip_reshape = bool(a.get("skip_reshape"))
         seq = 2 if skip_reshape else 1
-        if q.shape[seq] != ctx.tokens or k.shape[seq] != ctx.tokens:
-            return "cross-attention and other lengths", -1
         block = to.get("block_index")
+        if q.shape[seq] != ctx.tokens or k.shape[seq] != ctx.tokens:
+            return "cross-attention and other lengths", block if isinstance(block, int) else -1
         if not isinstance(block, int):
             block = ctx.calls
         ctx.calls += 1
