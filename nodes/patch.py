@@ -24,6 +24,7 @@ tensors. Both are taken here.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import types
@@ -98,10 +99,19 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, 
         return f"a softmax scale of {float(scale):.4g} instead of 1/sqrt(head dim)"
     if q.dtype not in _DTYPES:
         return f"dtype {q.dtype}"
-    return device_reason(q.device.type, head_dim, HAVE_TRITON)
+    shared = _shared_memory(q.device) if q.is_cuda and head_dim > 128 else None
+    return device_reason(q.device.type, head_dim, HAVE_TRITON, shared)
 
 
-def device_reason(device_type: str, head_dim: int, have_triton: bool) -> str | None:
+WIDE_HEAD_SHARED = 150 * 1024  # shared memory per block the kernel needs above head dim 128
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_memory(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
+def device_reason(device_type: str, head_dim: int, have_triton: bool, shared_memory: int | None = None) -> str | None:
     """Why PSA does not run on this device, or None.
 
     PSA runs where it is faster than dense attention, on NVIDIA GPUs through its Triton
@@ -117,6 +127,10 @@ def device_reason(device_type: str, head_dim: int, have_triton: bool) -> str | N
         return missing_reason() or "Triton is not installed"
     if not kernel_head_dim(head_dim):
         return f"head dim {head_dim} on the GPU (the kernels take powers of two, 16 to 256)"
+    if head_dim > 128 and shared_memory is not None and shared_memory < WIDE_HEAD_SHARED:
+        # consumer GPUs (sm_86, sm_89, sm_120: 99 KB a block); Wan's head dim is 128
+        return (f"head dim {head_dim} on a GPU with {shared_memory // 1024} KB of shared memory per block "
+                f"(the kernel needs {WIDE_HEAD_SHARED // 1024} KB above head dim 128)")
     return None
 
 

@@ -156,3 +156,7 @@ def test_device_reason_needs_triton_on_the_gpu_only():
     assert "triton" in patch.device_reason("cuda", 128, have_triton=False).lower()
     assert "head dim 96" in patch.device_reason("cuda", 96, have_triton=True)
     assert "mps" in patch.device_reason("mps", 128, have_triton=True)
+    # head dim 256: too wide for the kernel's tiles in 99 KB of shared memory (RTX 30xx-50xx)
+    assert patch.device_reason("cuda", 256, have_triton=True, shared_memory=232448) is None      # H100
+    assert "99 KB" in patch.device_reason("cuda", 256, have_triton=True, shared_memory=101376)   # RTX 4090
+    assert patch.device_reason("cuda", 128, have_triton=True, shared_memory=101376) is None
