@@ -447,12 +447,8 @@ def apply_psa(model, preset: PSAPreset, dense_first_blocks: int = 0, dense_last_
     inner = to.get(OVERRIDE_KEY)
     while isinstance(inner, PSAOverride):  # a second Apply PSA replaces the first
         inner = inner.inner
-    if inner is None:
-        to.pop(OVERRIDE_KEY, None)
-    else:
-        to[OVERRIDE_KEY] = inner
     patch = PSAModelPatch(preset, dense_first_blocks, dense_last_steps)
-    patch.install(to)
+    to[OVERRIDE_KEY] = PSAOverride(patch, inner)  # an override set before Apply PSA runs what PSA declines
     m.remove_wrappers_with_key(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
     m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, patch.forward_wrapper)
     m.remove_callbacks_with_key(pe.CallbacksMP.ON_PREPARE_STATE, WRAPPER_KEY)

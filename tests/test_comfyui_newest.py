@@ -97,7 +97,10 @@ def test_backend_node_before_or_after_apply_psa_gives_the_same_model(caplog):
     after.set_model_optimized_attention(newest.attention_kitchen)
     assert chain(after.model_options["transformer_options"][patch.OVERRIDE_KEY]) == ["optimized_attention_override"]
     kitchen, _, _ = run(backend_only)
-    first, _, calls_before = run(before)
+    with caplog.at_level("INFO", logger="psa"):
+        first, _, calls_before = run(before)
+    assert "ran PSA" in caplog.text and "replaced PSA's" not in caplog.text  # nothing came after PSA
+    caplog.clear()
     with caplog.at_level("INFO", logger="psa"):
         second, options, calls_after = run(after)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
