@@ -11,8 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
+from .triton_compat import tl, triton
 
 SAMPLE_Q = 16  # sampled queries per query block (all of them when m <= 16)
 KEY_STRIDE = 4  # one sampled key in every 4

@@ -8,8 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
+from .triton_compat import tl, triton
 
 from .config import POOLED_LEVELS, PSAConfig
 

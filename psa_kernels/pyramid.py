@@ -22,8 +22,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
+from .triton_compat import tl, triton
 
 LEVEL_ORDER = (1, 2, 4, 8)
 LOG2E = 1.4426950408889634

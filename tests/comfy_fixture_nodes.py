@@ -20,3 +20,36 @@ class PSATestTextEmbeds:
 
 
 NODE_CLASS_MAPPINGS = {"PSATestTextEmbeds": PSATestTextEmbeds}
+
+
+class PSATestAttentionBackend:
+    """What "Model Attention Backend" of newer ComfyUI does, for the 0.3.64 snapshot that lacks
+    it: a clone whose optimized_attention_override is a closure over one attention function."""
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    CATEGORY = "testing"
+
+    def patch(self, model):
+        import logging
+
+        import comfy.ldm.modules.attention as attention
+
+        backend = attention.attention_pytorch
+        logged = []
+
+        def optimized_attention_override(_, *args, **kwargs):
+            if not logged:
+                logged.append(True)
+                logging.info("[PSATestAttentionBackend] ran attention_pytorch")
+            return backend(*args, **kwargs)
+
+        m = model.clone()
+        m.model_options["transformer_options"]["optimized_attention_override"] = optimized_attention_override
+        return (m,)
+
+
+NODE_CLASS_MAPPINGS["PSATestAttentionBackend"] = PSATestAttentionBackend

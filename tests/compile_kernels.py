@@ -1,11 +1,17 @@
-"""Compile every Triton kernel of psa_kernels for Hopper (sm_90) ahead of time, no GPU needed.
+"""Compile every Triton kernel of psa_kernels ahead of time for the NVIDIA GPUs PSA supports,
+no GPU needed: A100 (sm_80), RTX 30xx / A-series (sm_86), RTX 40xx / L40 (sm_89), H100 / H200
+(sm_90) and RTX 50xx (sm_120).
 
 Run by tests/test_psa_compile.py in a process of its own: the kernels must be decorated
-without TRITON_INTERPRET, which the rest of the CPU tests set. Prints one line per variant.
+without TRITON_INTERPRET, which the rest of the CPU tests set. Prints one line per variant and
+GPU; ``python compile_kernels.py 86 89`` compiles for those only.
 """
 from __future__ import annotations
 
+import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import triton
@@ -16,12 +22,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from psa_kernels import estimate, levels, pyramid  # noqa: E402
 from psa_kernels.pyramid import kernel_launch_config  # noqa: E402
 
-HOPPER = GPUTarget("cuda", 90, 32)
+# compute capability -> the most shared memory one program may use there (the CUDA programming
+# guide's "maximum shared memory per thread block", opt-in); Triton refuses a launch over it
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 120: 101376}
+ARCHS = tuple(SHARED_LIMIT)
+# Apply PSA leaves head dims over 128 to the model's attention on GPUs with less shared memory
+# per block than this (nodes/patch.py WIDE_HEAD_SHARED): the attention kernel's tiles need more
+WIDE_HEAD_SHARED = 150 * 1024
 
 
-def compile_for_hopper(kernel, pointers: dict, floats: tuple, constexprs: dict,
-                       num_warps: int = 4, num_stages: int = 2, maxnreg: int | None = None):
-    """Compile ``kernel`` for sm_90: ``pointers`` maps pointer arguments to element types,
+def compile_for(arch: int, kernel, pointers: dict, floats: tuple, constexprs: dict,
+                num_warps: int = 4, num_stages: int = 2, maxnreg: int | None = None):
+    """Compile ``kernel`` for compute capability ``arch`` (90 = sm_90): ``pointers`` maps pointer arguments to element types,
     ``floats`` names fp32 scalars, every other non-constexpr argument is an int32.
 
     As the launcher does for torch tensors and for integers that are multiples of 16, the
@@ -42,11 +54,12 @@ def compile_for_hopper(kernel, pointers: dict, floats: tuple, constexprs: dict,
     options = {"num_warps": num_warps, "num_stages": num_stages}
     if maxnreg:
         options["maxnreg"] = maxnreg
-    return triton.compile(src, target=HOPPER, options=options)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def variants():
-    """(name, kernel, pointers, floats, constexprs, launch options) of every variant the library launches."""
+def variants(arch: int = 90):
+    """(name, kernel, pointers, floats, constexprs, launch options) of every variant the library
+    launches on a GPU of compute capability ``arch``."""
     for m, n in ((128, 32), (128, 128)):
         sq, sk = estimate.sample_counts(m, n)
         splits = 2 if n == 32 else 1
@@ -96,7 +109,7 @@ def variants():
                                         (128, 64, True, 256, True, False), (128, 64, True, 128, True, True),
                                         (128, 128, True, 128, True, True), (128, 32, True, 128, True, True)):
         tile_n = pyramid.tile_width(n)
-        launch = kernel_launch_config(m, tile_n, packed, d)
+        launch = kernel_launch_config(m, tile_n, packed, d, major=arch // 10)
         options = {"num_warps": launch.num_warps, "num_stages": launch.num_stages}
         if launch.maxnreg:
             options["maxnreg"] = launch.maxnreg
@@ -108,19 +121,33 @@ def variants():
                options)
 
 
-def main() -> int:
-    failed = 0
-    for name, kernel, pointers, floats, constexprs, options in variants():
-        try:
-            compiled = compile_for_hopper(kernel, pointers, floats, constexprs, **options)
-            # the attention kernel must use Hopper's warpgroup tensor-core instructions
-            mma = "wgmma" in compiled.asm["ptx"]
-            print(f"ok {name}: cubin {len(compiled.asm['cubin'])} bytes, wgmma {mma}", flush=True)
-        except Exception as e:  # report every variant, then fail
-            failed += 1
-            print(f"FAILED {name}: {type(e).__name__}: {str(e)[:400]}", flush=True)
-    return 1 if failed else 0
+def compile_one(arch: int, index: int) -> str:
+    """One line of the report: 'ok ...' or 'FAILED ...'."""
+    name, kernel, pointers, floats, constexprs, options = list(variants(arch))[index]
+    label = f"sm_{arch} {name}"
+    try:
+        compiled = compile_for(arch, kernel, pointers, floats, constexprs, **options)
+    except Exception as e:  # report every variant, then fail
+        return f"FAILED {label}: {type(e).__name__}: {str(e)[:400]}"
+    ptx, shared = compiled.asm["ptx"], compiled.metadata.shared
+    # tensor cores: Hopper's warpgroup instructions on sm_90, mma.sync on the others
+    mma = "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "none")
+    if shared > SHARED_LIMIT[arch]:
+        if constexprs.get("D", 0) > 128 and SHARED_LIMIT[arch] < WIDE_HEAD_SHARED:
+            return f"declined {label}: shared {shared} over sm_{arch}'s {SHARED_LIMIT[arch]}, as Apply PSA expects"
+        return f"FAILED {label}: {shared} bytes of shared memory, over sm_{arch}'s {SHARED_LIMIT[arch]}"
+    return f"ok {label}: cubin {len(compiled.asm['cubin'])} bytes, shared {shared}, mma {mma}"
+
+
+def main(archs=ARCHS) -> int:
+    jobs = [(arch, i) for arch in archs for i in range(len(list(variants(arch))))]
+    # ptxas and the Triton passes run on one core each: one worker per core
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1, mp_context=get_context("spawn")) as pool:
+        lines = list(pool.map(compile_one, *zip(*jobs)))
+    for line in lines:
+        print(line, flush=True)
+    return 1 if any(line.startswith("FAILED") for line in lines) else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(tuple(int(a) for a in sys.argv[1:]) or ARCHS))

@@ -4,6 +4,7 @@ Without COMFYUI_PATH every test here is skipped, with a warning saying so."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import uuid
 from pathlib import Path
@@ -214,6 +215,60 @@ def test_wan22_pair_of_models_with_ksampler_advanced(server):
     assert torch.equal(out["baseline"], out["ref"])
     diff = rel_diff(out["psa"], out["ref"])
     assert 1e-4 < diff < 0.5, diff
+
+
+def test_attention_backend_node_before_or_after_apply_psa(server):
+    """A node that replaces the attention override after Apply PSA (newer ComfyUI's "Model
+    Attention Backend"; a test node here) neither switches PSA off nor is dropped: PSA is put
+    back in front each step and passes the calls it declines to it, so both orders agree."""
+    g = Graph()
+    common = g.common()
+    model = g.add("UNETLoader", unet_name=MODEL_A, weight_dtype="default")
+    backend = g.add("PSATestAttentionBackend", model=model)
+    g.sample(backend, common, "backend")
+    g.sample(g.add("PSATestAttentionBackend", model=g.psa(model, preset="psa_topk", warmup_steps=0)), common, "after")
+    g.sample(g.psa(backend, preset="psa_topk", warmup_steps=0), common, "before")
+    start = len(server.log_text())
+    out = run_ok(server, g)
+    log = server.log_text()[start:]
+    assert torch.equal(out["after"], out["before"])
+    assert rel_diff(out["after"], out["backend"]) > 1e-3
+    assert "PSA is put back in front" in log and "ran PSA" in log
+    assert "[PSATestAttentionBackend] ran attention_pytorch" in log
+    assert "cross-attention and other lengths: ran " in log and "PSATestAttentionBackend.patch." \
+                                                                 "optimized_attention_override -> attention_pytorch" in log
+
+
+NO_TRITON = """import sys
+sys.modules["triton"] = None  # import triton fails; importlib.util.find_spec("triton") is None
+print("[psa-test] Triton made unimportable in this process", flush=True)
+"""
+
+
+def test_pack_loads_and_runs_without_triton(comfy, tmp_path):
+    """Windows without triton-windows, macOS, CPU-only installs: ComfyUI loads the nodes and Apply
+    PSA runs (here PSA's torch path on the CPU; on a GPU it would leave attention to ComfyUI)."""
+    base = new_base(tmp_path, comfy)
+    make_tiny_wan(comfy, base / "models" / "diffusion_models" / MODEL_A, seed=1)
+    site = tmp_path / "no_triton"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(NO_TRITON)
+    pythonpath = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
+    srv = ComfyServer(comfy, base, env={"PYTHONPATH": pythonpath})
+    try:
+        assert set(NODE_IDS) <= set(srv.get("/object_info"))
+        g = Graph()
+        common = g.common()
+        model = g.add("UNETLoader", unet_name=MODEL_A, weight_dtype="default")
+        g.sample(model, common, "ref")
+        g.sample(g.psa(model, preset="psa_topk", warmup_steps=0), common, "psa")
+        out = run_ok(srv, g)
+        assert rel_diff(out["psa"], out["ref"]) > 1e-3
+        log = srv.log_text()
+        assert "[psa-test] Triton made unimportable" in log and "ran PSA" in log
+        assert "Traceback" not in log and "IMPORT FAILED" not in log
+    finally:
+        srv.stop()
 
 
 def test_torch_compile_model_runs_psa(server):

@@ -63,7 +63,7 @@ def model_attention(q, k, v, heads, mask=None, skip_reshape=False, skip_output_r
 
 def make_patch(cfg=CFG, **kw):
     p = patch.PSAModelPatch(presets.PSAPreset("s", "p", cfg), **kw)
-    to = {patch.OVERRIDE_KEY: p, "sample_sigmas": SIGMAS}
+    to = p.install({"sample_sigmas": SIGMAS})
     return p, to
 
 
@@ -73,13 +73,18 @@ def forward(p, to, sigma, calls, context_len=16, latent_t=2):
                              {**to, "sigmas": torch.tensor([sigma, sigma])})
 
 
+def attend(o, q, k, v, func=model_attention, **kw):
+    """An attention call as ComfyUI makes it inside a forward: through the override in ``o``."""
+    return o[patch.OVERRIDE_KEY](func, q, k, v, heads=2, transformer_options=o, **kw)
+
+
 def test_self_attention_goes_to_psa_cross_attention_to_the_model():
     p, to = make_patch()
     q, k, v = qkv(128)
     ctx_q, ctx_k, _ = qkv(16)
     out = forward(p, to, 0.5, [
-        lambda o: p(model_attention, q, k, v, heads=2, transformer_options=o),
-        lambda o: p(model_attention, q, ctx_k, ctx_k, heads=2, transformer_options=o),
+        lambda o: attend(o, q, k, v),
+        lambda o: attend(o, q, ctx_k, ctx_k),
     ])
     want = psa_attention(*(t.view(2, 128, 2, 32).transpose(1, 2) for t in (q, k, v)), CFG, grid=GRID)
     assert torch.equal(out[0], want.transpose(1, 2).reshape(2, 128, 64))
@@ -89,41 +94,69 @@ def test_self_attention_goes_to_psa_cross_attention_to_the_model():
 def test_skip_reshape_layout_is_kept():
     p, to = make_patch()
     q, k, v = (t.view(2, 128, 2, 32).transpose(1, 2) for t in qkv(128))
-    out = forward(p, to, 0.5, [lambda o: p(model_attention, q, k, v, heads=2, skip_reshape=True,
-                                           skip_output_reshape=True, transformer_options=o)])
+    out = forward(p, to, 0.5, [lambda o: attend(o, q, k, v, skip_reshape=True, skip_output_reshape=True)])
     assert torch.equal(out[0], psa_attention(q, k, v, CFG, grid=GRID))
 
 
 def test_schedule_dense_preset_masks_and_ambiguous_lengths_use_the_model():
     q, k, v = qkv(128)
-    call = (lambda p: lambda o: p(model_attention, q, k, v, heads=2, transformer_options=o))
+
+    def call(o):
+        return attend(o, q, k, v)
     p, to = make_patch()
-    assert forward(p, to, 1.0, [call(p)])[0][0] == "model"                  # warm-up step
+    assert forward(p, to, 1.0, [call])[0][0] == "model"                     # warm-up step
     p, to = make_patch(dense_first_blocks=1)
-    first, second = forward(p, to, 0.5, [call(p), call(p)])
+    first, second = forward(p, to, 0.5, [call, call])
     assert first[0] == "model" and isinstance(second, torch.Tensor)         # block index counted
     p, to = make_patch(dense_last_steps=2)
-    assert forward(p, to, 0.25, [call(p)])[0][0] == "model"
+    assert forward(p, to, 0.25, [call])[0][0] == "model"
     p, to = make_patch(cfg=PSAConfig.from_dict({"type": "dense"}))
-    assert forward(p, to, 0.5, [call(p)])[0][0] == "model"
+    assert forward(p, to, 0.5, [call])[0][0] == "model"
     p, to = make_patch()
-    masked = forward(p, to, 0.5, [lambda o: p(model_attention, q, k, v, heads=2, mask=torch.zeros(128, 128),
-                                              transformer_options=o)])
-    assert masked[0][0] == "model"
+    assert forward(p, to, 0.5, [lambda o: attend(o, q, k, v, mask=torch.zeros(128, 128))])[0][0] == "model"
     p, to = make_patch()
-    assert forward(p, to, 0.5, [call(p)], context_len=128)[0][0] == "model"  # text length == video tokens
+    assert forward(p, to, 0.5, [lambda o: attend(o, q, k, v, scale=0.5)])[0][0] == "model"  # not 1/sqrt(32)
+    p, to = make_patch()
+    assert forward(p, to, 0.5, [lambda o: attend(o, q, k[..., :32], v[..., :32])])[0][0] == "model"  # GQA
+    p, to = make_patch()
+    assert forward(p, to, 0.5, [call], context_len=128)[0][0] == "model"  # text length == video tokens
+
+
+def test_block_index_from_comfyui_is_used_when_set():
+    # Newer ComfyUI sets transformer_options["block_index"]; it decides dense_first_blocks
+    # even where PSA sees fewer self-attention calls than blocks (a block patched elsewhere).
+    q, k, v = qkv(128)
+    p, to = make_patch(dense_first_blocks=3)
+    first, second = forward(p, to, 0.5, [lambda o: attend({**o, "block_index": 2}, q, k, v),
+                                         lambda o: attend({**o, "block_index": 3}, q, k, v)])
+    assert first[0] == "model" and isinstance(second, torch.Tensor)
 
 
 def test_outside_a_patched_forward_the_override_is_transparent():
     p, _ = make_patch()
     q, k, v = qkv(128)
-    assert p(model_attention, q, k, v, heads=2, transformer_options={})[0] == "model"
+    assert patch.PSAOverride(p)(model_attention, q, k, v, heads=2, transformer_options={})[0] == "model"
 
 
 def test_verbose_logs_density_per_step_and_block(caplog):
     p, to = make_patch(cfg=CFG.replace(verbose=True), dense_first_blocks=1)
     q, k, v = qkv(128)
     with caplog.at_level("INFO", logger="psa"):
-        forward(p, to, 0.5, [lambda o: p(model_attention, q, k, v, heads=2, transformer_options=o)] * 2)
+        forward(p, to, 0.5, [lambda o: attend(o, q, k, v)] * 2)
     line = next(r.getMessage() for r in caplog.records if "mean density" in r.getMessage())
     assert line.startswith("[PSA] step 3/4 grid 2x8x8: mean density 0.") and "per block 0:first blocks 1:0." in line
+    ran = [r.getMessage() for r in caplog.records if ": ran " in r.getMessage()]
+    assert ran == ["[PSA] first blocks: ran test_node_patch.model_attention",
+                   "[PSA] video self-attention on a 2x8x8 token grid: ran PSA, preset s/p"], ran
+
+
+def test_device_reason_needs_triton_on_the_gpu_only():
+    assert patch.device_reason("cpu", 128, have_triton=False) is None       # the torch reference
+    assert patch.device_reason("cuda", 128, have_triton=True) is None
+    assert "triton" in patch.device_reason("cuda", 128, have_triton=False).lower()
+    assert "head dim 96" in patch.device_reason("cuda", 96, have_triton=True)
+    assert "mps" in patch.device_reason("mps", 128, have_triton=True)
+    # head dim 256: too wide for the kernel's tiles in 99 KB of shared memory (RTX 30xx-50xx)
+    assert patch.device_reason("cuda", 256, have_triton=True, shared_memory=232448) is None      # H100
+    assert "99 KB" in patch.device_reason("cuda", 256, have_triton=True, shared_memory=101376)   # RTX 4090
+    assert patch.device_reason("cuda", 128, have_triton=True, shared_memory=101376) is None
