@@ -160,7 +160,7 @@ def main():
                                        sections[where or args.section].attention_configs[short])
         patch = patch_mod.PSAModelPatch(preset)
         to = dict(base_to)
-        to["optimized_attention_override"] = patch
+        to["optimized_attention_override"] = patch_mod.PSAOverride(patch)
         to["wrappers"] = {pe.WrappersMP.DIFFUSION_MODEL: {"psa": [patch.forward_wrapper]}}
         out, secs = timed(to)
         err = float((out.double() - dense.double()).norm() / dense.double().norm())
