@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 import os
 from dataclasses import dataclass
 
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 
 from . import estimate, levels as levels_mod, pyramid
 from .config import PSAConfig
-from .layout import arrange, restore, sequence_permutation
+from .layout import arrange, as_index, restore, sequence_permutation
 
 BACKENDS = ("auto", "torch", "triton")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -53,19 +52,6 @@ def _stats(levels: torch.Tensor, tail_n: int = 0) -> PSAStats:
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _index(value, name: str, minimum: int) -> int:
-    """An integer argument (Python, NumPy or 0-d tensor integers); floats are refused, not truncated."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        number = operator.index(value)
-    except TypeError:
-        number = None
-    if number is None or number < minimum:
-        raise ValueError(f"{name}: got {value!r}; allowed: an integer >= {minimum}")
-    return number
-
-
 def _check_inputs(q, k, v, cfg, grid, text_len) -> tuple[int, int, int]:
     if not isinstance(cfg, PSAConfig):
         raise ValueError(f"cfg: got {type(cfg).__name__}; allowed: a PSAConfig (from_dict reads the YAML form)")
@@ -88,8 +74,8 @@ def _check_inputs(q, k, v, cfg, grid, text_len) -> tuple[int, int, int]:
         dims = ()
     if len(dims) != 3:
         raise ValueError(f"grid: got {grid!r}; allowed: (T, H, W), 3 positive integers")
-    T, Hh, W = (_index(g, f"grid[{i}]", 1) for i, g in enumerate(dims))
-    text_len = _index(text_len, "text_len (with T*H*W + text_len = L)", 0)
+    T, Hh, W = (as_index(g, f"grid[{i}]", 1) for i, g in enumerate(dims))
+    text_len = as_index(text_len, "text_len (with T*H*W + text_len = L)", 0)
     if q.shape[2] != T * Hh * W + text_len:
         raise ValueError(f"sequence length {q.shape[2]} != T*H*W + text_len = {T}*{Hh}*{W} + {text_len}")
     return T, Hh, W

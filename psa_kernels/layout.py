@@ -176,8 +176,9 @@ def _tiled_order(T: int, H: int, W: int, tile_size: tuple[int, int, int]) -> tor
 
 # ----------------------------------------------------------------------------- full sequence
 
-def _as_int(value: int, name: str, minimum: int) -> int:
-    # bool is an int subclass, but True as a size is always a mistake.
+def as_index(value, name: str, minimum: int) -> int:
+    """An integer argument (Python, NumPy or 0-d tensor integers); floats and bools are refused,
+    not truncated (True as a size is always a mistake)."""
     try:
         if isinstance(value, bool):
             raise TypeError
@@ -192,7 +193,7 @@ def _as_int(value: int, name: str, minimum: int) -> int:
 def _positive_triple(values: tuple[int, int, int], name: str) -> tuple[int, int, int]:
     if not isinstance(values, (tuple, list)) or len(values) != 3:
         raise ValueError(f"{name}: got {values!r}; allowed: 3 positive integers")
-    return tuple(_as_int(v, f"{name}[{i}]", 1) for i, v in enumerate(values))
+    return tuple(as_index(v, f"{name}[{i}]", 1) for i, v in enumerate(values))
 
 
 def _grid(T: int, H: int, W: int) -> tuple[int, int, int]:
@@ -246,7 +247,7 @@ def sequence_permutation(grid: tuple[int, int, int], text_len: int = 0, text_fir
         allowed = ", ".join(REARRANGE_METHODS)
         raise ValueError(f"rearrange_method: got {method!r}; allowed: {allowed}")
     perm, inv = _cpu_permutation(_positive_triple(grid, "grid (T, H, W)"),
-                                 _as_int(text_len, "text_len", 0), bool(text_first), method,
+                                 as_index(text_len, "text_len", 0), bool(text_first), method,
                                  _positive_triple(tile_size, "tile_size"), bool(rearrange))
     if perm is not None:
         perm, inv = perm.to(device), inv.to(device)

@@ -523,18 +523,9 @@ def _attend_tile(s, v, scale, bias, m_i, l_i, acc):
 
 @triton.jit
 def _attend_logits(x, v, m_i, l_i, acc):
-    """Online-softmax step over a tile of logits x (log2 units, -inf for masked columns)."""
-    m_new = tl.maximum(m_i, tl.max(x, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(x - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l_i, acc
-
-
-@triton.jit
-def _attend_logits_safe(x, v, m_i, l_i, acc):
-    """:func:`_attend_logits` for tiles that may be wholly masked while nothing came before."""
+    """Online-softmax step over a tile of logits x (log2 units, -inf for masked columns); a
+    tile may be wholly masked while nothing came before it (a tail tile of a row with no
+    skipped block among its columns)."""
     m_new = tl.maximum(m_i, tl.max(x, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_use)
@@ -556,7 +547,7 @@ def _tail_step(q, kbase, vbase, Bias, lv_row, tail_base, nkb, t, r, skl, svl, dd
     v = tl.load(vbase + prow[:, None] * svl + dd[None, :], mask=inside[:, None], other=0.0)
     colb = tl.where(skipped, tl.load(Bias + prow, mask=inside, other=0.0) * 1.4426950408889634, float("-inf"))
     s = tl.dot(q, tl.trans(k))
-    return _attend_logits_safe(s * scale + colb[None, :], v, m_i, l_i, acc)
+    return _attend_logits(s * scale + colb[None, :], v, m_i, l_i, acc)
 
 
 @triton.jit
