@@ -115,7 +115,7 @@ TOPK_DENSITIES_QUICK = (0.10, 0.20)
 # thresholdbound (block n 64): level 1 up to mass share a, then levels 2, 4 and 8 in steps of
 # (1 - a) / 5 (8 gets two), the last fifth skipped
 TB_LEVEL1 = (0.55, 0.7, 0.9)
-TB_LEVEL1_QUICK = (0.55, 0.8)
+TB_LEVEL1_QUICK = (0.55, 0.9)
 QUICK_SHIPPED = ("Wan2.1_1.3b/psa_topk", "Wan2.1_14b/psa_balanced")
 # tail-only sweeps (block n 64; without the tail these densities lose most of the attention):
 # level 1 alone up to share a; and psa_quality's pyramid (levels 1, 2, 4, 8 ending at 0.06,

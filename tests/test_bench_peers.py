@@ -256,6 +256,13 @@ def test_psa_presets_parse_pair_with_their_tail_twins_and_hit_their_densities():
     names = list(presets)
     assert "Wan2.1_1.3b/psa_topk" in names and "Wan2.1_14b/psa_balanced" in names
     assert not any(n.startswith("CogVideo") for n in names)
+    tail_only = [n for n in names if n.startswith("tail64_")]  # the tail-only sweeps come last
+    assert names[-len(tail_only):] == tail_only
+    assert len(tail_only) == 2 * (len(bp.TAIL_L1) + len(bp.TAIL_PYRAMID_SCALE))
+    for n in tail_only:
+        cfg = PSAConfig.from_dict(presets[n], n)
+        assert cfg.use_pooled_tail and cfg.block_size.n == 64 and n.endswith(cfg.estimate_method)
+    names = names[:-len(tail_only)]
     for plain, tail in zip(names[::2], names[1::2]):
         assert tail == plain + bp.TAIL or plain == tail + bp.NO_TAIL
         assert bp.tail_twins(presets[plain], presets[tail]) and not bp.tail_twins(presets[tail], presets[plain])
