@@ -35,14 +35,16 @@ class PlanSnapshot:
     maps: dict[int, RecordedMap]      # block -> its map at its latest PSA step
     pooled_tail: bool
     grid: tuple[int, int, int] | None
+    block_n: int = 0                  # key block size of the preset (the tail counts 1/block_n)
     dense_reasons: dict[int, str] = field(default_factory=dict)  # block -> why it ran dense (last seen)
 
 
 class PlanRecorder:
     """Densities and level maps of the latest sampler run of one patched model."""
 
-    def __init__(self, pooled_tail: bool = False):
+    def __init__(self, pooled_tail: bool = False, block_n: int = 0):
         self.pooled_tail = pooled_tail
+        self.block_n = block_n
         self._reset()
 
     def _reset(self) -> None:
@@ -96,4 +98,4 @@ class PlanRecorder:
         for (i, b), d in self._density.items():
             table[i, b] = float(d)
         maps = {b: RecordedMap(m.step, m.levels.cpu(), m.stride) for b, m in self._maps.items()}
-        return PlanSnapshot(table, self._steps, maps, self.pooled_tail, self.grid, dict(self._reasons))
+        return PlanSnapshot(table, self._steps, maps, self.pooled_tail, self.grid, dict(self._reasons), self.block_n)

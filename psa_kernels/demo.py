@@ -1,7 +1,7 @@
 """PSA on a built-in video-shaped attention problem, against dense attention.
 
     python3 -m psa_kernels.demo                                   # default preset, shape for this machine
-    python3 -m psa_kernels.demo --preset Wan2.1_1.3b/psa_topk --grid 21 30 52
+    python3 -m psa_kernels.demo --preset Wan2.1_1.3b/psa_fast --grid 21 30 52
 
 On a GPU the problem has the Wan 2.1 1.3B 480p x 81-frame shape (12 heads, 21 x 30 x 52
 tokens, head dim 128, bf16) and runs the Triton kernels; on a CPU a small one runs the
@@ -25,7 +25,7 @@ from .synthetic import relative_l2, structured_qkv
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "attention_config.yaml"
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
-DEFAULT_PRESET = "Wan2.1_1.3b/psa_topk"  # topk: every pyramid level shows up on any input
+DEFAULT_PRESET = "Wan2.1_1.3b/psa_quality"  # the Wan default: every pyramid level and the tail show up
 PANELS = 3  # heads drawn side by side
 
 
@@ -43,11 +43,12 @@ def _timed(fn, reps: int) -> tuple[object, float]:
     return out, sorted(times)[len(times) // 2]
 
 
-def write_plan_picture(levels: torch.Tensor, path: Path, pooled_tail: bool, title: str) -> None:
+def write_plan_picture(levels: torch.Tensor, path: Path, pooled_tail: bool, title: str, block_n: int = 0) -> None:
     """PNG of the level maps of the first heads of a [H, nqb, nkb] plan, with legend and axes."""
     from .plan_plot import LevelMap, render_plan, save_png
 
-    panels = [LevelMap(levels[h].cpu().numpy(), f"head {h}", pooled_tail) for h in range(min(PANELS, levels.shape[0]))]
+    panels = [LevelMap(levels[h].cpu().numpy(), f"head {h}", pooled_tail, block_n)
+              for h in range(min(PANELS, levels.shape[0]))]
     path.parent.mkdir(parents=True, exist_ok=True)
     save_png(render_plan(panels, title=title), path)
 
@@ -98,7 +99,7 @@ def main(argv=None) -> None:
     picture = Path(args.picture)
     write_plan_picture(plan.levels[0], picture, cfg.use_pooled_tail,
                        f"{args.preset}: grid {'x'.join(map(str, grid))}, mean density of all heads "
-                       f"{stats.density:.3f}")
+                       f"{stats.density:.3f}", block_n=cfg.block_size.n)
 
     B, H, L, D = q.shape
     where = torch.cuda.get_device_name() if gpu else "CPU (torch reference)"

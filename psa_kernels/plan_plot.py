@@ -26,12 +26,15 @@ class LevelMap:
     levels: np.ndarray        # int levels 1/2/4/8/0
     title: str
     pooled_tail: bool = False
+    block_n: int = 0          # key block size: with the tail a level-0 pair counts 1/block_n
 
 
-def map_density(levels: np.ndarray) -> float:
-    """Density of a level map: mean over block pairs of 1/p for level p > 0 (0 for level 0)."""
+def map_density(levels: np.ndarray, tail_n: int = 0) -> float:
+    """Density of a level map: mean over block pairs of 1/p for level p > 0; level 0 counts 0,
+    or 1/tail_n with a pooled tail of key blocks of tail_n tokens (as PSAStats counts it)."""
     lv = np.asarray(levels, dtype=np.float64)
-    return float(np.where(lv > 0, 1.0 / np.maximum(lv, 1.0), 0.0).mean()) if lv.size else 0.0
+    skipped = 1.0 / tail_n if tail_n else 0.0
+    return float(np.where(lv > 0, 1.0 / np.maximum(lv, 1.0), skipped).mean()) if lv.size else 0.0
 
 
 def level_shares(levels: np.ndarray) -> dict[int, float]:
@@ -54,7 +57,8 @@ def _draw_level_map(ax, panel: LevelMap) -> None:
     colours = [c for _, c in _styles(panel.pooled_tail)]
     ax.imshow(codes, cmap=ListedColormap(colours), norm=BoundaryNorm(np.arange(-0.5, 5.5), 5),
               interpolation="nearest", aspect="auto")
-    ax.set_title(f"{panel.title}\ndensity {map_density(lv):.3f}", fontsize=10)
+    tail_n = panel.block_n if panel.pooled_tail else 0
+    ax.set_title(f"{panel.title}\ndensity {map_density(lv, tail_n):.3f}", fontsize=10)
     ax.set_xlabel("key block")
     ax.set_ylabel("query block")
     from matplotlib.ticker import MaxNLocator

@@ -78,6 +78,8 @@ def test_plan_view_draws_an_image_and_says_what_is_missing():
 def test_level_map_colours_follow_levels_and_tail_legend():
     lv = np.array([[1, 2, 4, 8, 0, 0]] * 6)
     assert plan_plot.map_density(lv) == pytest.approx((1 + 0.5 + 0.25 + 0.125) / 6)
+    # with the tail a level-0 pair holds one pooled key for its block of 64: 1/64 (as PSAStats counts)
+    assert plan_plot.map_density(lv, 64) == pytest.approx((1 + 0.5 + 0.25 + 0.125 + 2 / 64) / 6)
     skip = plan_plot.render_plan([plan_plot.LevelMap(lv, "skip", pooled_tail=False)])
     tail = plan_plot.render_plan([plan_plot.LevelMap(lv, "tail", pooled_tail=True)])
     assert skip.dtype == np.uint8 and skip.shape[-1] == 3
