@@ -12,18 +12,9 @@ _registered = False
 
 
 def problem_texts(lib) -> list[str]:
-    """The library's loading problems as lines of text, whether they are strings or records
-    with file, line, field and message."""
-    out = []
-    for p in lib.problems:
-        if isinstance(p, str):
-            out.append(p)
-            continue
-        where = ":".join(str(x) for x in (getattr(p, "file", None), getattr(p, "line", None)) if x not in (None, ""))
-        field = getattr(p, "field", None)
-        message = getattr(p, "message", None) or str(p)
-        out.append(": ".join(x for x in (where, field, message) if x))
-    return out
+    """The library's loading problems as lines of text, in the store's own form
+    (``file (line N): field: message``)."""
+    return [str(p) for p in lib.problems]
 
 
 def presets_payload(lib) -> dict:
