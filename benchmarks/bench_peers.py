@@ -48,6 +48,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from psa_kernels import PSAConfig, load_attention_config, psa_attention  # noqa: E402
+from psa_kernels.estimate import block_lengths, block_means_reference  # noqa: E402
 from psa_kernels.synthetic import (block_mass_share, calibrate_logit_scale,  # noqa: E402
                                    video_attention_qkv)
 
@@ -235,13 +236,10 @@ def sol_call(sol_attn, q, k, v, heads: int, s: SolSetting):
 SOL_BLOCK = 64
 
 
-def _block_means(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _block_means(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [B, H, T, D] float -> block means [B, H, n, D] over 64-token blocks, and the lengths [n]."""
-    B, H, T, D = x.shape
-    sums = F.pad(x, (0, 0, 0, n * SOL_BLOCK - T)).view(B, H, n, SOL_BLOCK, D).sum(3)
-    lengths = torch.full((n,), float(SOL_BLOCK), device=x.device)
-    lengths[-1] = T - (n - 1) * SOL_BLOCK
-    return sums / lengths.view(1, 1, n, 1), lengths
+    T = x.shape[2]
+    return block_means_reference(x, SOL_BLOCK), block_lengths(T, SOL_BLOCK, x.device)
 
 
 def sol_routing(q: torch.Tensor, k: torch.Tensor, tau: float, topk_ratio: float = 0.0, scale=None):
@@ -257,8 +255,8 @@ def sol_routing(q: torch.Tensor, k: torch.Tensor, tau: float, topk_ratio: float 
     B, T, H, D = q.shape
     n = -(-T // SOL_BLOCK)
     scale = D ** -0.5 if scale is None else scale
-    cen, lengths = _block_means(q.float().transpose(1, 2), n)
-    km, _ = _block_means(k.float().transpose(1, 2), n)
+    cen, lengths = _block_means(q.float().transpose(1, 2))
+    km, _ = _block_means(k.float().transpose(1, 2))
     kmean = km.mean(2, keepdim=True)
     kc = km - kmean
     proxy = cen @ kc.transpose(-1, -2) * scale
@@ -306,7 +304,7 @@ def sol_standin(q, k, v, tau: float = 1.0, scale=None, sink_blocks=None, sink_q=
     s_tok = (qf @ kcen.transpose(-1, -2)) * scale
     neg = float("-inf")
     if token_aug:
-        cen, _ = _block_means(qf, n)
+        cen, _ = _block_means(qf)
         c_tok = ((cen @ kcen.transpose(-1, -2)) * scale)[:, :, qblk]     # centroid score of each key
         rest = c_tok.masked_fill(ex_tok, neg)
         kk = min(token_aug, T)
@@ -317,7 +315,7 @@ def sol_standin(q, k, v, tau: float = 1.0, scale=None, sink_blocks=None, sink_q=
         logits = torch.cat([s_tok.masked_fill(~keep, neg), c_tok.masked_fill(keep, neg)], dim=-1)
         values = torch.cat([vf, vf], dim=2)
     else:
-        vm, _ = _block_means(vf, n)
+        vm, _ = _block_means(vf)
         tail = (proxy + lengths.log())[:, :, qblk].masked_fill(exact[:, :, qblk], neg)   # [B, H, T, n]
         logits = torch.cat([s_tok.masked_fill(~ex_tok, neg), tail], dim=-1)
         values = torch.cat([vf, vm], dim=2)

@@ -250,7 +250,6 @@ def estimate_triton(q: torch.Tensor, k: torch.Tensor, m: int, n: int,
     return out
 
 
-
 @triton.jit
 def _block_mean_kernel(X, Out, Perm, L, sxb, sxh, sxl, sob, soh, sol,
                        H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, CH: tl.constexpr,
@@ -275,14 +274,21 @@ def _block_mean_kernel(X, Out, Perm, L, sxb, sxh, sxl, sob, soh, sol,
     tl.store(Out + b * sob + h * soh + blk * sol + dd, tl.sum(acc, 0) / cnt)
 
 
+def block_lengths(L: int, block: int, device=None) -> torch.Tensor:
+    """[nblocks] float32: real tokens of each block of ``block`` tokens (the last may be partial)."""
+    nb = -(-L // block)
+    lengths = torch.full((nb,), float(block), device=device)
+    lengths[-1] = L - (nb - 1) * block
+    return lengths
+
+
 def block_means_reference(x: torch.Tensor, block: int) -> torch.Tensor:
     """[B, H, nblocks, D] float32 means of ``block`` consecutive rows of x [B, H, L, D] (arranged);
     a partial last block is the mean of its real rows."""
     B, H, L, D = x.shape
     nb = -(-L // block)
     xa = torch.nn.functional.pad(x.float(), (0, 0, 0, nb * block - L))
-    cnt = (torch.arange(nb * block, device=x.device) < L).float().view(nb, block).sum(1)
-    return xa.view(B, H, nb, block, D).sum(3) / cnt[:, None]
+    return xa.view(B, H, nb, block, D).sum(3) / block_lengths(L, block, x.device)[:, None]
 
 
 def block_means_triton(x: torch.Tensor, block: int, perm: torch.Tensor | None = None) -> torch.Tensor:
@@ -308,14 +314,11 @@ def estimate_block_mean(q: torch.Tensor, k: torch.Tensor, m: int, n: int,
     :func:`block_means_triton` (q, k in the caller's order, read through ``perm``); otherwise
     in torch, from q and k already arranged (``perm`` must be None)."""
     B, H, L, D = q.shape
-    nkb = -(-L // n)
     if triton_means:
         qm, km = block_means_triton(q, m, perm), block_means_triton(k, n, perm)
     else:
         if perm is not None:
             raise ValueError("the torch block means take arranged q and k (perm None)")
         qm, km = block_means_reference(q, m), block_means_reference(k, n)
-    cnt = torch.full((nkb,), float(n), device=q.device)
-    cnt[-1] = L - (nkb - 1) * n
-    s = torch.matmul(qm, km.transpose(-1, -2)).mul_(1.0 / math.sqrt(D)).add_(cnt.log())
+    s = torch.matmul(qm, km.transpose(-1, -2)).mul_(1.0 / math.sqrt(D)).add_(block_lengths(L, n, q.device).log())
     return s.softmax(-1)

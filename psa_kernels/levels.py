@@ -351,8 +351,8 @@ def assign_levels_triton(scores: torch.Tensor, cfg: PSAConfig,
     if presorted:
         scores, order = scores.sort(dim=-1, descending=True, stable=True)
     _assign_levels_kernel[(scores.numel() // nkb,)](
-        scores, order, out, nkb, keep, int(not cfg.use_pooled_tail), *bounds, THRESHOLD=threshold, NKB=nkb_pow2, PRESORTED=presorted,
-        num_warps=num_warps or _level_warps(nkb_pow2))
+        scores, order, out, nkb, keep, int(not cfg.use_pooled_tail), *bounds, THRESHOLD=threshold, NKB=nkb_pow2,
+        PRESORTED=presorted, num_warps=num_warps or _level_warps(nkb_pow2))
     _text_full(out, text_q_blocks, text_k_blocks)
     return out
 

@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from .estimate import block_lengths, block_means_reference
 from .triton_compat import tl, triton
 
 LEVEL_ORDER = (1, 2, 4, 8)
@@ -45,11 +46,6 @@ class Pyramid:
     @property
     def has_tail(self) -> bool:
         return 0 in self.base
-
-
-def tail_rows(nkb: int) -> int:
-    """Rows of the tail region: one per key block."""
-    return nkb
 
 
 def build_pyramid(k: torch.Tensor, v: torch.Tensor, n: int, L: int, tail: bool = False) -> Pyramid:
@@ -79,11 +75,9 @@ def build_pyramid(k: torch.Tensor, v: torch.Tensor, n: int, L: int, tail: bool =
         start += rows1 // p
     if tail:
         base[0] = start
-        cnt = counts1.reshape(nkb, n).sum(-1)
-        div = cnt[None, None, :, None]
-        ks.append((ks[0].float().reshape(B, H, nkb, n, D).sum(3) / div).to(k.dtype))
-        vs.append((vs[0].float().reshape(B, H, nkb, n, D).sum(3) / div).to(v.dtype))
-        biases.append(cnt.log())
+        ks.append(block_means_reference(k, n).to(k.dtype))
+        vs.append(block_means_reference(v, n).to(v.dtype))
+        biases.append(block_lengths(L, n, k.device).log())
     return Pyramid(torch.cat(ks, dim=2), torch.cat(vs, dim=2), torch.cat(biases), base, n, L)
 
 
@@ -179,7 +173,7 @@ def build_pyramid_triton(k: torch.Tensor, v: torch.Tensor | None, n: int, L: int
     B, H, _, D = k.shape
     nkb = -(-L // n)
     rows1 = nkb * n
-    rows = rows1 * 15 // 8 + (tail_rows(nkb) if tail else 0)
+    rows = rows1 * 15 // 8 + (nkb if tail else 0)  # the tail: one row per key block
     chunk = min(n, chunk)  # rows per program: small enough to keep the pooled tiles in registers
     nchunks = rows1 // chunk
     with_pyramid = v is not None
@@ -203,7 +197,7 @@ def build_pyramid_triton(k: torch.Tensor, v: torch.Tensor | None, n: int, L: int
     base = {1: 0, 2: rows1, 4: rows1 + rows1 // 2, 8: rows1 + rows1 // 2 + rows1 // 4}
     if with_pyramid and tail:
         base[0] = rows1 * 15 // 8
-        _block_means(kp, vp, bias, base[8], base[0], nkb, n)
+        _tail_from_level8(kp, vp, bias, base[8], base[0], nkb, n)
     sim = None
     if with_similarity:
         per_block = n // chunk
@@ -212,8 +206,8 @@ def build_pyramid_triton(k: torch.Tensor, v: torch.Tensor | None, n: int, L: int
     return (Pyramid(kp, vp, bias, base, n, L) if with_pyramid else None), sim
 
 
-def _block_means(kp: torch.Tensor, vp: torch.Tensor, bias: torch.Tensor, base8: int, base0: int,
-                 nkb: int, n: int) -> None:
+def _tail_from_level8(kp: torch.Tensor, vp: torch.Tensor, bias: torch.Tensor, base8: int, base0: int,
+                      nkb: int, n: int) -> None:
     """Fill the tail rows from the level-8 rows: a block's mean is the count-weighted mean of
     its pooled-by-8 rows (they read 1/8 of the keys and values again, not all of them)."""
     B, H, _, D = kp.shape
@@ -420,7 +414,7 @@ def attention_bytes_per_head(B: int, L: int, D: int, element_size: int, m: int, 
     """Device memory the pyramid and the tile schedule of one head take (B batch entries)."""
     nkb, nqb = -(-L // n), -(-L // m)
     _, _, _, max_segs, max_tiles = _schedule_shape(nkb, n, packed, tile_width(n))
-    pyramid_rows = nkb * n * 15 // 8 + (tail_rows(nkb) if tail else 0)
+    pyramid_rows = nkb * n * 15 // 8 + (nkb if tail else 0)
     return B * (2 * pyramid_rows * D * element_size + nqb * (max_segs + 2 * max_tiles + len(COUNT_FIELDS)) * 4)
 
 
