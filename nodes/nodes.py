@@ -223,8 +223,7 @@ class ApplyPSA(io.ComfyNode):
         if not isinstance(psa_config, PSAPreset):
             raise ConfigError(bilingual(f"psa_config: got {type(psa_config).__name__}; connect a PSA Loader or "
                                         "PSA Preset Editor"))
-        cfg = psa_config.config
-        recorder = PlanRecorder(cfg.use_pooled_tail, cfg.block_size.n) if record_plan else None
+        recorder = PlanRecorder(psa_config.config.use_pooled_tail) if record_plan else None
         return io.NodeOutput(apply_psa(model, psa_config, dense_first_blocks, dense_last_steps, recorder))
 
 

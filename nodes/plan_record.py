@@ -35,16 +35,16 @@ class PlanSnapshot:
     maps: dict[int, RecordedMap]      # block -> its map at its latest PSA step
     pooled_tail: bool
     grid: tuple[int, int, int] | None
-    block_n: int = 0                  # key block size of the preset (the tail counts 1/block_n)
+    tail_n: int = 0                   # key block size when level 0 is a pooled tail (it counts 1/tail_n)
     dense_reasons: dict[int, str] = field(default_factory=dict)  # block -> why it ran dense (last seen)
 
 
 class PlanRecorder:
     """Densities and level maps of the latest sampler run of one patched model."""
 
-    def __init__(self, pooled_tail: bool = False, block_n: int = 0):
+    def __init__(self, pooled_tail: bool = False):
         self.pooled_tail = pooled_tail
-        self.block_n = block_n
+        self.tail_n = 0  # from the plans it records
         self._reset()
 
     def _reset(self) -> None:
@@ -83,7 +83,8 @@ class PlanRecorder:
         plan = psa_plan(q, k, cfg, grid)
         out = psa_attention(q, k, v, cfg, grid, plan=plan)
         lv = plan.levels[0]
-        self._density[(i, block)] = levels_density(lv).mean()
+        self.tail_n = plan.tail_n
+        self._density[(i, block)] = levels_density(lv, plan.tail_n).mean()
         sq, sk = (max(1, math.ceil(s / MAX_MAP_SIDE)) for s in lv.shape[-2:])
         self._maps[block] = RecordedMap(i, lv[:, ::sq, ::sk].clone(), (sq, sk))
         self.grid = tuple(grid)
@@ -98,4 +99,4 @@ class PlanRecorder:
         for (i, b), d in self._density.items():
             table[i, b] = float(d)
         maps = {b: RecordedMap(m.step, m.levels.cpu(), m.stride) for b, m in self._maps.items()}
-        return PlanSnapshot(table, self._steps, maps, self.pooled_tail, self.grid, dict(self._reasons), self.block_n)
+        return PlanSnapshot(table, self._steps, maps, self.pooled_tail, self.grid, dict(self._reasons), self.tail_n)

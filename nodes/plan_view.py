@@ -66,7 +66,7 @@ def picture(model, blocks: str, head: int) -> tuple[torch.Tensor, str]:
                 raise ConfigError(f"head: got {head}; allowed: 0 to {m.levels.shape[0] - 1}")
             every = "" if m.stride == (1, 1) else f", every {m.stride[0]}th/{m.stride[1]}th block"
             panels.append(LevelMap(m.levels[head].numpy(), f"block {b}, head {head}, step {m.step + 1}{every}",
-                                   snap.pooled_tail, snap.block_n))
+                                   snap.pooled_tail, snap.tail_n))
     grid = "x".join(map(str, snap.grid)) if snap.grid else "?"
     title = f"PSA plan of the last sampler run: token grid {grid}, {snap.steps} steps"
     if not panels:
