@@ -28,6 +28,19 @@ CATEGORY = "PSA"
 # Inputs fold away under "advanced" where this ComfyUI's V3 API has the flag (newer than 0.3.64).
 ADVANCED = {"advanced": True} if "advanced" in inspect.signature(io.WidgetInput.__init__).parameters else {}
 
+# The Loader's presets per section. ComfyUI's V3 API gained DynamicCombo after 0.3.64 (PR #10832,
+# Nov 2025; public API since PR #11345, Dec 2025): a combo whose every option carries inputs of its
+# own. The prompt holds them flat with dotted keys ("model_section": "Wan2.1_14b",
+# "model_section.preset": "psa_fast"); the executor validates the chosen option's inputs and calls
+# execute(model_section={"model_section": "Wan2.1_14b", "preset": "psa_fast"}). A prompt value that
+# is no option drops the input (execute gets nothing for it). Without DynamicCombo the Loader keeps
+# two flat combos, and web/psa.js narrows the preset list to the chosen section.
+DYNAMIC_COMBO = getattr(io, "DynamicCombo", None)
+# Prompts written with the flat combos ("model_section" + "preset") must still run where the Loader
+# uses DynamicCombo: so the option's preset is optional, and a flat "preset" input stays, hidden on
+# the canvas (ComfyUI's own Save Video keeps its old "codec" input the same way).
+HIDDEN = {"extra_dict": {"hidden": True}} if "extra_dict" in inspect.signature(io.Combo.Input.__init__).parameters else {}
+
 
 def _problems_note() -> str:
     problems = routes.problem_texts(STORE.library())
@@ -61,24 +74,45 @@ class PSALoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         lib = STORE.library()
+        section_tip = "Model section of attention_config.yaml. 'auto' detects the Wan family from the connected model."
+        preset_tip = ("Preset of that section. 'default' is the section's default_attention; 'baseline' is dense "
+                      "attention.")
+        auto_tip = ("With 'auto' every section's presets are listed: the preset must exist in the section auto "
+                    "detects (else the run names that section's presets).")
+        model = io.Model.Input("model", optional=True,
+                               tooltip="Only for model_section 'auto': the model whose family picks the section.")
+        every_preset = [DEFAULT_PRESET, *lib.preset_names()]
+        if DYNAMIC_COMBO is None:
+            inputs = [
+                io.Combo.Input("model_section", options=[AUTO, *lib.section_names()], default=AUTO,
+                               tooltip=section_tip),
+                io.Combo.Input("preset", options=every_preset, default=DEFAULT_PRESET,
+                               tooltip="Preset of that section (the list shows the chosen section's presets; "
+                                       "with 'auto' it shows every section's, and the preset must exist in the "
+                                       "section auto detects). 'default' is the section's default_attention; "
+                                       "'baseline' is dense attention."),
+                model,
+            ]
+        else:
+            def preset(names, tip):
+                return io.Combo.Input("preset", options=names, default=DEFAULT_PRESET, optional=True, tooltip=tip)
+            options = [DYNAMIC_COMBO.Option(AUTO, [preset(every_preset, preset_tip + " " + auto_tip)])]
+            options += [DYNAMIC_COMBO.Option(name, [preset([DEFAULT_PRESET, *section.attention_configs], preset_tip)])
+                        for name, section in lib.sections.items()]
+            inputs = [
+                DYNAMIC_COMBO.Input("model_section", options=options, tooltip=section_tip),  # first option: auto
+                model,
+                io.Combo.Input("preset", options=every_preset, default=DEFAULT_PRESET, optional=True, **HIDDEN,
+                               tooltip="The preset of prompts written before the Loader listed presets per "
+                                       "section; the section's own preset wins."),
+            ]
         return io.Schema(
             node_id="PSALoader",
             display_name="PSA Loader",
             category=CATEGORY,
             description="Picks a Pyramid Sparse Attention preset from configs/attention_config.yaml "
                         "and the user presets file." + _problems_note(),
-            inputs=[
-                io.Combo.Input("model_section", options=[AUTO, *lib.section_names()], default=AUTO,
-                               tooltip="Model section of attention_config.yaml. 'auto' detects the Wan "
-                                       "family from the connected model."),
-                io.Combo.Input("preset", options=[DEFAULT_PRESET, *lib.preset_names()], default=DEFAULT_PRESET,
-                               tooltip="Preset of that section (the list shows the chosen section's presets; "
-                                       "with 'auto' it shows every section's, and the preset must exist in the "
-                                       "section auto detects). 'default' is the section's default_attention; "
-                                       "'baseline' is dense attention."),
-                io.Model.Input("model", optional=True,
-                               tooltip="Only for model_section 'auto': the model whose family picks the section."),
-            ],
+            inputs=inputs,
             outputs=[PSAConfigIO.Output(display_name="psa_config",
                                         tooltip="The preset, for PSA Preset Editor or Apply PSA.")],
         )
@@ -88,17 +122,35 @@ class PSALoader(io.ComfyNode):
         return STORE.stamp()  # re-run when a presets file changes on disk
 
     @classmethod
-    def execute(cls, model_section: str, preset: str, model=None) -> io.NodeOutput:
+    def execute(cls, model_section: dict | str | None = None, preset: str | None = None,
+                model=None) -> io.NodeOutput:
         lib = STORE.library()
         with _UIErrors():
-            if model_section == AUTO:
-                if model is None:
-                    raise ConfigError("model_section: 'auto' needs the model input connected; or pick a section: "
-                                      + ", ".join(lib.section_names()))
-                model_section, why = detect_section(ModelSignature.of(model), lib.sections)
-                log.info("[PSA] Loader auto: section %s (%s)", model_section, why)
-            out = lib.resolve(model_section, preset)
+            section, preset = loader_choice(model_section, preset)
+            if section is None:  # where DynamicCombo drops a value that is no option
+                raise ConfigError("model_section: unknown section; allowed: " + ", ".join([AUTO, *lib.section_names()]))
+            if section != AUTO:
+                out = lib.resolve(section, preset)
+            elif model is None:
+                raise ConfigError("model_section: 'auto' needs the model input connected; or pick a section: "
+                                  + ", ".join(lib.section_names()))
+            else:
+                section, why = detect_section(ModelSignature.of(model), lib.sections)
+                log.info("[PSA] Loader auto: section %s (%s)", section, why)
+                try:
+                    out = lib.resolve(section, preset)
+                except ConfigError as e:  # 'auto' lists every section's presets: say which section it found
+                    raise ConfigError(f"{e.reason} (model_section: auto detected {section}: {why})", e.field) from None
         return io.NodeOutput(out, ui=ui.PreviewText(str(out)))
+
+
+def loader_choice(model_section: dict | str | None, preset: str | None) -> tuple[str | None, str]:
+    """(section, preset) from the Loader's inputs: DynamicCombo's nested form
+    ``{"model_section": s, "preset": p}`` or the flat strings (ComfyUI 0.3.64, and prompts written
+    there). The section's own preset wins over the flat one; neither means 'default'."""
+    if isinstance(model_section, dict):
+        return model_section.get("model_section"), model_section.get("preset") or preset or DEFAULT_PRESET
+    return model_section, preset or DEFAULT_PRESET
 
 
 class PSAPresetEditor(io.ComfyNode):
