@@ -57,10 +57,24 @@ function chain(obj, key, fn) {
   };
 }
 
+// On ComfyUI versions with DynamicCombo the Loader's section is one, and the frontend itself shows
+// the section's own preset widget ("model_section.preset"); the flat "preset" is then hidden and
+// only there for older prompts: nothing to filter, only the editors to refresh.
+function dynamicSection(node) {
+  return node.constructor?.nodeData?.input?.required?.model_section?.[0] === "COMFY_DYNAMICCOMBO_V3";
+}
+
 function filterLoader(node) {
   const section = widget(node, "model_section");
   const preset = widget(node, "preset");
-  if (!section || !preset) return;
+  if (section && dynamicSection(node)) {
+    chain(section, "callback", () => refreshEditorsOf(node));
+    chain(node, "onWidgetChanged", (name) => {
+      if (String(name).startsWith("model_section.")) refreshEditorsOf(node);
+    });
+    return;
+  }
+  if (!section || !preset || section.type !== "combo") return;
   const update = () => {
     const names = presetsFor(library, section.value);
     if (!names) return;
@@ -103,7 +117,7 @@ function incomingText(editor) {
   const loader = sourceLoader(editor);
   if (!loader) return zh ? "（输入值：连接 PSA 加载器后显示）" : "(incoming values: shown when a PSA Loader is connected)";
   const section = widget(loader, "model_section")?.value;
-  let name = widget(loader, "preset")?.value;
+  let name = (widget(loader, "model_section.preset") ?? widget(loader, "preset"))?.value;
   if (!library) return "…";
   if (section === "auto") {
     return zh ? "模型节为 auto：运行后显示实际输入值" : "section auto: the incoming values show after a run";
