@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from . import estimate, levels as levels_mod, pyramid
+from .heavy import HeavyKeys, heavy_per_row, select_heavy_keys
 from .config import PSAConfig
 from .layout import arrange, as_index, restore, sequence_permutation
 
@@ -20,7 +21,8 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @dataclass
 class PSAStats:
     """What one call did. Density = sum over block pairs of 1/p (p > 0) / number of pairs; with
-    a pooled tail a level-0 pair counts 1/n (one pooled key for its n keys)."""
+    a pooled tail a level-0 pair counts 1/n (one pooled key for its n keys), and a heavy key
+    attended on its own 1/n of a pair."""
     density: float                    # mean over batch, heads and query blocks
     density_per_head: torch.Tensor    # [H], mean over batch
     level_counts: dict                # level -> number of (query block, key block) pairs
@@ -37,13 +39,22 @@ class PSAPlan:
     backend: str
     pyramid: pyramid.Pyramid | None = None  # built while planning on the Triton path
     tail_n: int = 0                   # key block size when level-0 blocks form a pooled tail
+    heavy: HeavyKeys | None = None    # heavy keys per head (``heavy_keys``)
+    key_block: int = 0                # key block size n
 
     def stats(self) -> PSAStats:
-        return _stats(self.levels, self.tail_n)
+        return _stats(self.levels, self.tail_n, self.heavy, self.key_block)
+
+    def heads(self, sl: slice) -> "PSAPlan":
+        """This plan for a slice of the heads (the pyramid is left out)."""
+        return dataclasses.replace(self, levels=self.levels[:, sl], scores=self.scores[:, sl], pyramid=None,
+                                   heavy=self.heavy.heads(sl) if self.heavy is not None else None)
 
 
-def _stats(levels: torch.Tensor, tail_n: int = 0) -> PSAStats:
+def _stats(levels: torch.Tensor, tail_n: int = 0, heavy: HeavyKeys | None = None, n: int = 0) -> PSAStats:
     dens = levels_mod.density(levels, tail_n)  # [B, H]
+    if heavy is not None and n:
+        dens = dens + heavy_per_row(levels, heavy).float().mean(-1) / (n * levels.shape[-1])
     counts = torch.bincount(levels.flatten().long(), minlength=9)
     return PSAStats(density=float(dens.mean()), density_per_head=dens.mean(0).cpu(),
                     level_counts={lvl: int(counts[lvl]) for lvl in (1, 2, 4, 8, 0)})
@@ -134,7 +145,9 @@ def psa_plan(q: torch.Tensor, k: torch.Tensor, cfg: PSAConfig, grid, text_len: i
     nqb, nkb = -(-L // m), -(-L // n)
     text_q = torch.arange(nqb, device=q.device) * m + m > video_len if text_len else None
     text_k = torch.arange(nkb, device=q.device) * n + n > video_len if text_len else None
-    pyr = sim = None
+    pyr = sim = heavy = None
+    if cfg.heavy_keys:
+        heavy = select_heavy_keys(q, k, cfg.heavy_keys, n, inv, video_len)
     if backend == "triton":
         # The kernels read the arranged order through perm, so nothing is copied; the pyramid
         # pass reads every key block anyway and measures key similarity on the way.
@@ -146,7 +159,8 @@ def psa_plan(q: torch.Tensor, k: torch.Tensor, cfg: PSAConfig, grid, text_len: i
         lv = levels_mod.assign_levels_triton(scores, cfg, text_q, text_k)
         if keep_pyramid or cfg.use_sim_mask:
             pyr, sim = pyramid.build_pyramid_triton(k, _unit_stride(v) if keep_pyramid else None, n, L,
-                                                    cfg.use_sim_mask, perm, tail=cfg.use_pooled_tail)
+                                                    cfg.use_sim_mask, perm, tail=cfg.use_pooled_tail,
+                                                    heavy=heavy if keep_pyramid else None)
     else:
         qa, ka = arrange(q, perm), arrange(k, perm)
         scores = (estimate.estimate_block_mean(qa, ka, m, n, triton_means=False) if cfg.estimate_method == "block_mean"
@@ -156,7 +170,7 @@ def psa_plan(q: torch.Tensor, k: torch.Tensor, cfg: PSAConfig, grid, text_len: i
             sim = levels_mod.key_similarity(ka, n, L)
     if cfg.use_sim_mask:
         lv = levels_mod.apply_similarity_guard(lv, sim, cfg)
-    return PSAPlan(perm, inv, scores, lv, video_len, backend, pyr, n if cfg.use_pooled_tail else 0)
+    return PSAPlan(perm, inv, scores, lv, video_len, backend, pyr, n if cfg.use_pooled_tail else 0, heavy, n)
 
 
 # torch.compile (ComfyUI's TorchCompileModel included) leaves the call out of its graph: the
@@ -199,7 +213,7 @@ def psa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PSACon
         out = torch.empty_like(q)
         for h0 in range(0, H, group):
             heads = slice(h0, h0 + group)
-            part = dataclasses.replace(plan, levels=plan.levels[:, heads])
+            part = plan.heads(heads)
             _attend(q[:, heads], k[:, heads], v[:, heads], cfg, part, out[:, heads])
     return (out, plan.stats()) if return_stats else out
 
@@ -240,9 +254,13 @@ def _attend(q, k, v, cfg: PSAConfig, plan: PSAPlan, out: torch.Tensor | None = N
         pyr = plan.pyramid
         if pyr is None:
             pyr, _ = pyramid.build_pyramid_triton(_unit_stride(k), _unit_stride(v), n, L, perm=plan.perm,
-                                                  tail=cfg.use_pooled_tail)
+                                                  tail=cfg.use_pooled_tail, heavy=plan.heavy)
         sched = pyramid.build_schedule(plan.levels, pyr, packed=cfg.attn_impl == "new_mask_type")
         return pyramid.attention_triton(_unit_stride(q), pyr, sched, m, out=out, perm=plan.perm,
                                         levels=plan.levels)
-    pyr = pyramid.build_pyramid(arrange(k, plan.perm), arrange(v, plan.perm), n, L, tail=cfg.use_pooled_tail)
+    heavy = plan.heavy
+    if heavy is not None and plan.inv is not None:  # the reference pyramid is built in the arranged order
+        heavy = HeavyKeys(plan.inv[heavy.index], heavy.block)
+    pyr = pyramid.build_pyramid(arrange(k, plan.perm), arrange(v, plan.perm), n, L, tail=cfg.use_pooled_tail,
+                                heavy=heavy)
     return restore(pyramid.attention_reference(arrange(q, plan.perm), pyr, plan.levels, m), plan.inv)

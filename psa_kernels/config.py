@@ -35,6 +35,7 @@ TILE_N_SIZES = (16, 32, 64, 128)
 # or the sampler's step counter would misbehave: a tile as large as the grid is already one tile.
 MAX_WARMUP_STEPS = 10_000
 MAX_TILE = 1024
+MAX_HEAVY_KEYS = 1024
 MAX_VIDEO_DIVISOR = 1024
 MAX_TEXT_LENGTH = 65_536
 _RATIO_TOL = 1e-6
@@ -213,7 +214,7 @@ DEFAULT_MASK_RATIOS = {1: (0.0, 0.4), 2: (0.4, 0.5), 4: (0.5, 0.6), 8: (0.6, 0.8
 _PRESET_FIELDS = ("type", "description", "use_rearrange", "use_sim_mask", "block_size",
                   "mask_ratios", "mask_mode", "attn_impl", "tile_size", "warmup_steps",
                   "rearrange_method", "verbose", "sim_thresholds", "use_pooled_tail",
-                  "estimate_method")
+                  "estimate_method", "heavy_keys")
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,9 @@ class PSAConfig:
     # How block importance is estimated: from a strided sample of queries and keys, or from
     # block means (cheaper at long sequences).
     estimate_method: str = "sampled"
+    # Keys per head that every query block skipping their block attends exactly (0: none);
+    # they leave their blocks' tail means (psa_kernels/heavy.py).
+    heavy_keys: int = 0
     # Fields present in the dict this preset was read from; a dense preset writes back only these.
     given: frozenset = field(default=frozenset(_PRESET_FIELDS), compare=False, repr=False)
 
@@ -266,6 +270,7 @@ class PSAConfig:
         out["warmup_steps"] = _as_int(self.warmup_steps, "warmup_steps", 0, MAX_WARMUP_STEPS)
         out["rearrange_method"] = _choice(self.rearrange_method, "rearrange_method", REARRANGE_METHODS)
         out["estimate_method"] = _choice(self.estimate_method, "estimate_method", ESTIMATE_METHODS)
+        out["heavy_keys"] = _as_int(self.heavy_keys, "heavy_keys", 0, MAX_HEAVY_KEYS)
         if not isinstance(self.sim_thresholds, SimThresholds):
             _fail("sim_thresholds", f"got {show(self.sim_thresholds)}; allowed: a SimThresholds(x2, x4, x8)")
         given = self.given
@@ -296,7 +301,8 @@ class PSAConfig:
         _no_unknown_keys(d, _PRESET_FIELDS, "")
         kw: dict[str, Any] = {k: d[k] for k in ("type", "use_rearrange", "use_sim_mask", "verbose",
                                                  "use_pooled_tail", "mask_ratios", "mask_mode", "attn_impl",
-                                                 "tile_size", "warmup_steps", "rearrange_method", "estimate_method") if k in d}
+                                                 "tile_size", "warmup_steps", "rearrange_method", "estimate_method",
+                                                 "heavy_keys") if k in d}
         if "description" in d:
             desc = d["description"]
             kw["description"] = "" if desc is None else _text(desc)
@@ -333,6 +339,7 @@ class PSAConfig:
             "sim_thresholds": dataclasses.asdict(self.sim_thresholds),
             "use_pooled_tail": self.use_pooled_tail,
             "estimate_method": self.estimate_method,
+            "heavy_keys": self.heavy_keys,
         }
         if self.is_dense:
             keep = set(self.given) | {"type"}

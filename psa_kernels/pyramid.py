@@ -15,6 +15,10 @@ With a pooled *tail* (``use_pooled_tail``) the pyramid also holds every key bloc
 and value (one row per block, bias ln of its real keys, ``base[0]``); each query block then
 attends, besides its tiles, to the means of exactly the blocks its level map skips, so the
 softmax still covers the whole sequence.
+
+With *heavy keys* (``heavy_keys``, :mod:`.heavy`) a few keys per head sit beside the pyramid,
+each with its key block: a query block attends those whose block it skips, exactly, and the
+tail means of those blocks leave them out (the tail bias is then per batch and head).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 from .estimate import block_lengths, block_means_reference
+from .heavy import HeavyKeys, gather_rows, padded_blocks, tail_without_heavy
 from .triton_compat import tl, triton
 
 LEVEL_ORDER = (1, 2, 4, 8)
@@ -42,15 +47,45 @@ class Pyramid:
     base: dict             # level -> first row of that level; 0 -> the tail's block means
     n: int                 # key block size
     length: int            # real keys (L); rows past it are padding
+    tail_bias: torch.Tensor | None = None   # [B, H, nkb] float32 when heavy keys leave the tail
+    heavy_k: torch.Tensor | None = None     # [B, H, rows, D] heavy keys (rows: a multiple of 64)
+    heavy_v: torch.Tensor | None = None
+    heavy_block: torch.Tensor | None = None  # [B, H, rows] int32 key block, -1 for padding
 
     @property
     def has_tail(self) -> bool:
         return 0 in self.base
 
+    @property
+    def has_heavy(self) -> bool:
+        return self.heavy_k is not None
 
-def build_pyramid(k: torch.Tensor, v: torch.Tensor, n: int, L: int, tail: bool = False) -> Pyramid:
+    def tail_bias_of(self, b: int, h: int) -> torch.Tensor:
+        """[nkb] the tail rows' bias for one (batch, head)."""
+        nkb = -(-self.length // self.n)
+        if self.tail_bias is not None:
+            return self.tail_bias[b, h]
+        return self.bias[self.base[0]:self.base[0] + nkb]
+
+
+HEAVY_ROWS = 64  # heavy keys are stored and read in tiles of this many rows
+
+
+def _with_heavy(pyr: "Pyramid", k: torch.Tensor, v: torch.Tensor, heavy: HeavyKeys | None) -> "Pyramid":
+    """Attach the heavy keys (``heavy.index`` in the order of k and v) to a pyramid."""
+    if heavy is None:
+        return pyr
+    rows = max(HEAVY_ROWS, -(-heavy.index.shape[-1] // HEAVY_ROWS) * HEAVY_ROWS)
+    pyr.heavy_k, pyr.heavy_v = gather_rows(k, heavy.index, rows), gather_rows(v, heavy.index, rows)
+    pyr.heavy_block = padded_blocks(heavy, rows)
+    return pyr
+
+
+def build_pyramid(k: torch.Tensor, v: torch.Tensor, n: int, L: int, tail: bool = False,
+                  heavy: HeavyKeys | None = None) -> Pyramid:
     """Pool k and v ([B, H, L, D], arranged) by 2, 4 and 8 inside each key block of n tokens;
-    with ``tail`` also by n (each block's mean over its real keys)."""
+    with ``tail`` also by n (each block's mean over its real keys). With ``heavy`` (its index in
+    the arranged order) the heavy keys ride along and the tail means leave them out."""
     B, H, _, D = k.shape
     nkb = -(-L // n)
     rows1 = nkb * n
@@ -73,12 +108,17 @@ def build_pyramid(k: torch.Tensor, v: torch.Tensor, n: int, L: int, tail: bool =
         vs.append(vp)
         biases.append(torch.where(cnt > 0, cnt.log(), torch.full_like(cnt, float("-inf"))))
         start += rows1 // p
+    tail_bias = None
     if tail:
         base[0] = start
-        ks.append(block_means_reference(k, n).to(k.dtype))
-        vs.append(block_means_reference(v, n).to(v.dtype))
-        biases.append(block_lengths(L, n, k.device).log())
-    return Pyramid(torch.cat(ks, dim=2), torch.cat(vs, dim=2), torch.cat(biases), base, n, L)
+        km, vm, lengths = block_means_reference(k, n), block_means_reference(v, n), block_lengths(L, n, k.device)
+        if heavy is not None:
+            km, vm, tail_bias = tail_without_heavy(km * lengths[:, None], vm * lengths[:, None], lengths, k, v, heavy)
+        ks.append(km.to(k.dtype))
+        vs.append(vm.to(v.dtype))
+        biases.append(lengths.log())
+    pyr = Pyramid(torch.cat(ks, dim=2), torch.cat(vs, dim=2), torch.cat(biases), base, n, L, tail_bias)
+    return _with_heavy(pyr, k, v, heavy)
 
 
 @triton.jit
@@ -165,11 +205,12 @@ def _store_pooled(kf, vf, valid, kp, vp, Bias, write_bias, base, c, spl,
 def build_pyramid_triton(k: torch.Tensor, v: torch.Tensor | None, n: int, L: int,
                          with_similarity: bool = False, perm: torch.Tensor | None = None,
                          chunk: int = BUILD_CHUNK, num_warps: int = BUILD_WARPS, tail: bool = False,
-                         ) -> tuple[Pyramid | None, torch.Tensor | None]:
+                         heavy: HeavyKeys | None = None) -> tuple[Pyramid | None, torch.Tensor | None]:
     """Same pyramid as :func:`build_pyramid` in one pass over k and v; with ``with_similarity``
     also the key similarity of :func:`levels.key_similarity` ([B, H, nkb, 3]). With ``perm``,
     k and v are in the caller's order and are arranged on the way. With ``v`` None only the
-    similarity is measured and no pyramid is allocated. With ``tail`` the block means follow."""
+    similarity is measured and no pyramid is allocated. With ``tail`` the block means follow.
+    ``heavy``: heavy keys (index in the caller's order, the order of k and v)."""
     B, H, _, D = k.shape
     nkb = -(-L // n)
     rows1 = nkb * n
@@ -195,30 +236,42 @@ def build_pyramid_triton(k: torch.Tensor, v: torch.Tensor | None, n: int, L: int
         H=H, D=D, CH=chunk, WITH_SIM=with_similarity, WITH_PYRAMID=with_pyramid, HAS_PERM=perm is not None,
         num_warps=num_warps)
     base = {1: 0, 2: rows1, 4: rows1 + rows1 // 2, 8: rows1 + rows1 // 2 + rows1 // 4}
+    tail_bias = None
     if with_pyramid and tail:
         base[0] = rows1 * 15 // 8
-        _tail_from_level8(kp, vp, bias, base[8], base[0], nkb, n)
+        tail_bias = _tail_from_level8(kp, vp, bias, base[8], base[0], nkb, n, k, v, heavy)
     sim = None
     if with_similarity:
         per_block = n // chunk
         sim = (sim_sum.view(B, H, nkb, per_block, 3).sum(3)
                / sim_cnt.view(B, H, nkb, per_block, 3).sum(3).clamp_min(1.0))
-    return (Pyramid(kp, vp, bias, base, n, L) if with_pyramid else None), sim
+    if not with_pyramid:
+        return None, sim
+    return _with_heavy(Pyramid(kp, vp, bias, base, n, L, tail_bias), k, v, heavy), sim
 
 
 def _tail_from_level8(kp: torch.Tensor, vp: torch.Tensor, bias: torch.Tensor, base8: int, base0: int,
-                      nkb: int, n: int) -> None:
+                      nkb: int, n: int, k: torch.Tensor, v: torch.Tensor,
+                      heavy: HeavyKeys | None) -> torch.Tensor | None:
     """Fill the tail rows from the level-8 rows: a block's mean is the count-weighted mean of
-    its pooled-by-8 rows (they read 1/8 of the keys and values again, not all of them)."""
+    its pooled-by-8 rows (they read 1/8 of the keys and values again, not all of them). With
+    ``heavy`` (index into k, v) the heavy keys are taken out of their blocks' sums first, and the
+    per (batch, head) tail bias is returned."""
     B, H, _, D = kp.shape
     g = n // 8
     cnt8 = bias[base8:base8 + nkb * g].exp().view(nkb, g)  # real keys per pooled row (0 for padding)
     cnt = cnt8.sum(1)
-    w = (cnt8 / cnt[:, None])[None, None, :, :, None]
-    for x in (kp, vp):
-        x8 = x[:, :, base8:base8 + nkb * g].float().view(B, H, nkb, g, D)
-        x[:, :, base0:base0 + nkb] = (x8 * w).sum(3).to(x.dtype)
     bias[base0:base0 + nkb] = cnt.log()
+    sums = [(x[:, :, base8:base8 + nkb * g].float().view(B, H, nkb, g, D) * cnt8[None, None, :, :, None]).sum(3)
+            for x in (kp, vp)]
+    if heavy is None:
+        for x, s in zip((kp, vp), sums):
+            x[:, :, base0:base0 + nkb] = (s / cnt[:, None]).to(x.dtype)
+        return None
+    km, vm, tail_bias = tail_without_heavy(sums[0], sums[1], cnt, k, v, heavy)
+    kp[:, :, base0:base0 + nkb] = km.to(kp.dtype)
+    vp[:, :, base0:base0 + nkb] = vm.to(vp.dtype)
+    return tail_bias
 
 
 def attention_reference(q: torch.Tensor, pyr: Pyramid, levels: torch.Tensor, m: int,
@@ -227,7 +280,8 @@ def attention_reference(q: torch.Tensor, pyr: Pyramid, levels: torch.Tensor, m: 
 
     q: [B, H, L, D] arranged; levels: [B, H, nqb, nkb]. Each query attends to every
     pyramid row whose (query block, key block) pair has that row's level; with a tail, also
-    to the mean of every block at level 0.
+    to the mean of every block at level 0, and with heavy keys to each heavy key whose block
+    is at level 0.
     """
     B, H, L, D = q.shape
     n = pyr.n
@@ -242,12 +296,21 @@ def attention_reference(q: torch.Tensor, pyr: Pyramid, levels: torch.Tensor, m: 
     for b in range(B):
         for h in range(H):
             kf, vf = pyr.k[b, h].float(), pyr.v[b, h].float()
+            bias, lvl_of_row, kblock_of_row = pyr.bias, row_level, row_kblock
+            if pyr.has_tail and pyr.tail_bias is not None:
+                bias = torch.cat([bias[:pyr.base[0]], pyr.tail_bias_of(b, h)])
+            if pyr.has_heavy:  # heavy keys carry level 0 too, each with its own block
+                blk = pyr.heavy_block[b, h].long()
+                kf, vf = torch.cat([kf, pyr.heavy_k[b, h].float()]), torch.cat([vf, pyr.heavy_v[b, h].float()])
+                bias = torch.cat([bias, torch.where(blk >= 0, 0.0, float("-inf"))])
+                lvl_of_row = torch.cat([row_level, torch.zeros_like(blk, dtype=row_level.dtype)])
+                kblock_of_row = torch.cat([row_kblock, blk.clamp_min(0)])
             for s in range(0, L, q_chunk):
                 qc = q[b, h, s:s + q_chunk].float()
                 qblk = torch.arange(s, s + qc.shape[0], device=q.device) // m
-                lv = levels[b, h][qblk][:, row_kblock]  # [rows_q, pyramid rows]
-                logits = qc @ kf.T * scale + pyr.bias
-                logits = logits.masked_fill(lv != row_level, float("-inf"))
+                lv = levels[b, h][qblk][:, kblock_of_row]  # [rows_q, pyramid and heavy rows]
+                logits = qc @ kf.T * scale + bias
+                logits = logits.masked_fill(lv != lvl_of_row, float("-inf"))
                 out[b, h, s:s + q_chunk] = (logits.softmax(-1) @ vf).to(q.dtype)
     return out
 
@@ -530,16 +593,32 @@ def _attend_logits(x, v, m_i, l_i, acc):
 
 
 @triton.jit
-def _tail_step(q, kbase, vbase, Bias, lv_row, tail_base, nkb, t, r, skl, svl, dd, scale, m_i, l_i, acc,
+def _tail_step(q, kbase, vbase, tbias, lv_row, tail_base, nkb, t, r, skl, svl, dd, scale, m_i, l_i, acc,
                TILE_N: tl.constexpr):
-    """TILE_N block means of the tail; only blocks at level 0 in this query block's row count."""
+    """TILE_N block means of the tail; only blocks at level 0 in this query block's row count.
+    ``tbias``: the tail rows' ln-count bias of this (batch, head)."""
     kb = t * TILE_N + r
     inside = kb < nkb
     skipped = tl.load(lv_row + kb, mask=inside, other=1) == 0
     prow = tail_base + kb
     k = tl.load(kbase + prow[:, None] * skl + dd[None, :], mask=inside[:, None], other=0.0)
     v = tl.load(vbase + prow[:, None] * svl + dd[None, :], mask=inside[:, None], other=0.0)
-    colb = tl.where(skipped, tl.load(Bias + prow, mask=inside, other=0.0) * 1.4426950408889634, float("-inf"))
+    colb = tl.where(skipped, tl.load(tbias + kb, mask=inside, other=0.0) * 1.4426950408889634, float("-inf"))
+    s = tl.dot(q, tl.trans(k))
+    return _attend_logits(s * scale + colb[None, :], v, m_i, l_i, acc)
+
+
+@triton.jit
+def _heavy_step(q, hk, hv, hb, lv_row, t, r, shl, dd, scale, m_i, l_i, acc, TILE_N: tl.constexpr):
+    """TILE_N heavy keys (padding rows have block -1); a key counts where its block is at level 0
+    in this query block's row."""
+    hrow = t * TILE_N + r
+    blk = tl.load(hb + hrow)
+    real = blk >= 0
+    skipped = tl.load(lv_row + blk, mask=real, other=1) == 0
+    k = tl.load(hk + hrow[:, None] * shl + dd[None, :])
+    v = tl.load(hv + hrow[:, None] * shl + dd[None, :])
+    colb = tl.where(skipped, 0.0, float("-inf"))
     s = tl.dot(q, tl.trans(k))
     return _attend_logits(s * scale + colb[None, :], v, m_i, l_i, acc)
 
@@ -581,13 +660,14 @@ def _regular_loop(q, kbase, vbase, seg_row, seg_first, ntiles, blocks, r, skl, s
 
 @triton.jit
 def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, Counts, Segs, Perm, Levels,
-                         L, sm_scale_log2, tail_base, nkb,
+                         TailBias, HK, HV, HB,
+                         L, sm_scale_log2, tail_base, nkb, heavy_rows,
                          sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
-                         s_tl, s_seg, s_lvb, s_lvh, s_lvq,
+                         s_tl, s_seg, s_lvb, s_lvh, s_lvq, s_tbb, s_tbh, s_hkb, s_hkh, s_hkl, s_hbb, s_hbh,
                          H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                          N: tl.constexpr, TILE_N: tl.constexpr, PACKED: tl.constexpr,
                          HAS_PERM: tl.constexpr, LOOP_STAGES: tl.constexpr, FOLD: tl.constexpr,
-                         TAIL: tl.constexpr):
+                         TAIL: tl.constexpr, HEAVY: tl.constexpr):
     # Branch-free loops, so that loads pipeline: the regular tiles of each level in a loop of
     # their own (segment length and bias known at compile time), then the masked tiles
     # (empty slots or the partial last block: masked loads and the per-row ln(count) bias).
@@ -629,13 +709,20 @@ def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, Counts, Segs,
     for t in range(s_tl - tl.load(rec + 4), s_tl):
         m_i, l_i, acc = _masked_step(q, kbase, vbase, Bias, TileLevel + tiles + t, TileSeg + tiles + t, seg_row,
                                      r, skl, svl, dd, scale, m_i, l_i, acc, N, TILE_N, PACKED)
+    lv_row = Levels + b * s_lvb + h * s_lvh + qb * s_lvq
     if TAIL:  # the means of the skipped blocks, straight from the level map
-        lv_row = Levels + b * s_lvb + h * s_lvh + qb * s_lvq
+        tbias = TailBias + b * s_tbb + h * s_tbh
         # two stages: three would add this loop's buffers to the program's shared memory and
         # leave room for one program per multiprocessor instead of two (NOTES.md, change 30)
         for t in tl.range(0, tl.cdiv(nkb, TILE_N), num_stages=2):
-            m_i, l_i, acc = _tail_step(q, kbase, vbase, Bias, lv_row, tail_base, nkb, t, r, skl, svl, dd,
+            m_i, l_i, acc = _tail_step(q, kbase, vbase, tbias, lv_row, tail_base, nkb, t, r, skl, svl, dd,
                                        scale, m_i, l_i, acc, TILE_N)
+    if HEAVY:  # the heavy keys of the skipped blocks, one by one
+        hk = HK + b * s_hkb + h * s_hkh
+        hv = HV + b * s_hkb + h * s_hkh
+        hb = HB + b * s_hbb + h * s_hbh
+        for t in tl.range(0, heavy_rows // TILE_N, num_stages=2):
+            m_i, l_i, acc = _heavy_step(q, hk, hv, hb, lv_row, t, r, s_hkl, dd, scale, m_i, l_i, acc, TILE_N)
     acc = acc / l_i[:, None]
     tl.store(Out + b * sob + h * soh + src[:, None] * sol + dd[None, :], acc.to(Out.dtype.element_ty),
              mask=qmask[:, None])
@@ -684,8 +771,9 @@ def attention_triton(q: torch.Tensor, pyr: Pyramid, sched: Schedule, m: int,
     """The pyramid attention kernel over a schedule; same function as attention_reference.
 
     With ``perm``, q and the output are in the caller's order (arranged = x[..., perm, :]).
-    A pyramid with a tail needs the level map ``levels`` ([B, H, nqb, nkb]) the schedule
-    was built from: its level-0 blocks are the ones whose means are attended.
+    A pyramid with a tail or heavy keys needs the level map ``levels`` ([B, H, nqb, nkb]) the
+    schedule was built from: its level-0 blocks are the ones whose means (and heavy keys) are
+    attended.
     The launch is :func:`kernel_launch_config`'s unless the other arguments override it
     (``maxnreg`` 0: no register cap; the cap applies to the default warps only)."""
     B, H, L, D = q.shape
@@ -695,22 +783,32 @@ def attention_triton(q: torch.Tensor, pyr: Pyramid, sched: Schedule, m: int,
     major = torch.cuda.get_device_capability(q.device)[0] if q.is_cuda else 9
     cfg = kernel_launch_config(m, sched.tile_n, sched.packed, D, major)
     sm_scale_log2 = LOG2E / math.sqrt(D)
-    tail = pyr.has_tail
-    if tail and (levels is None or levels.shape[:3] != (B, H, nqb)):
-        raise ValueError("a pyramid with a tail needs the level map [B, H, nqb, nkb] of the schedule")
-    if tail and sched.tile_n != TILE_WIDTH:
-        raise ValueError(f"the tail is read in tiles of {TILE_WIDTH} rows; got a schedule of {sched.tile_n}")
-    lv = levels if tail else sched.counts
-    lv_strides = (lv.stride(0), lv.stride(1), lv.stride(2)) if tail else (0, 0, 0)
+    tail, heavy = pyr.has_tail, pyr.has_heavy
+    if (tail or heavy) and (levels is None or levels.shape[:3] != (B, H, nqb)):
+        raise ValueError("a pyramid with a tail or heavy keys needs the level map [B, H, nqb, nkb] of the schedule")
+    if (tail or heavy) and sched.tile_n != TILE_WIDTH:
+        raise ValueError(f"the tail and the heavy keys are read in tiles of {TILE_WIDTH} rows; got a schedule "
+                         f"of {sched.tile_n}")
+    lv = levels if tail or heavy else sched.counts
+    lv_strides = (lv.stride(0), lv.stride(1), lv.stride(2)) if tail or heavy else (0, 0, 0)
+    nkb = -(-L // pyr.n)
+    if tail and pyr.tail_bias is not None:  # per (batch, head): heavy keys left some blocks
+        tb, tb_strides = pyr.tail_bias, (pyr.tail_bias.stride(0), pyr.tail_bias.stride(1))
+    else:  # one bias for all heads: the tail rows' ln count
+        tb, tb_strides = pyr.bias[pyr.base.get(0, 0):], (0, 0)
+    hk, hv, hb = (pyr.heavy_k, pyr.heavy_v, pyr.heavy_block) if heavy else (pyr.k, pyr.v, sched.counts)
+    if heavy and (hk.stride() != hv.stride() or hk.stride(-1) != 1):
+        raise ValueError("heavy keys and values must share one layout with unit stride along the head dim")
     _pyramid_attn_kernel[(nqb, B * H)](
         q, pyr.k, pyr.v, pyr.bias, out, sched.tile_level, sched.tile_seg, sched.counts,
-        sched.segs, perm if perm is not None else sched.counts, lv, L, sm_scale_log2,
-        pyr.base.get(0, 0), lv.shape[-1] if tail else 0,
+        sched.segs, perm if perm is not None else sched.counts, lv, tb, hk, hv, hb, L, sm_scale_log2,
+        pyr.base.get(0, 0), nkb if tail else 0, hk.shape[2] if heavy else 0,
         q.stride(0), q.stride(1), q.stride(2), pyr.k.stride(0), pyr.k.stride(1), pyr.k.stride(2),
         pyr.v.stride(0), pyr.v.stride(1), pyr.v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        sched.tile_level.stride(2), sched.segs.stride(2), *lv_strides,
+        sched.tile_level.stride(2), sched.segs.stride(2), *lv_strides, *tb_strides,
+        hk.stride(0), hk.stride(1), hk.stride(2), hb.stride(0), hb.stride(1),
         H=H, D=D, BLOCK_M=m, N=pyr.n, TILE_N=sched.tile_n, PACKED=sched.packed, HAS_PERM=perm is not None,
-        FOLD=sched.folded, TAIL=tail,
+        FOLD=sched.folded, TAIL=tail, HEAVY=heavy,
         LOOP_STAGES=cfg.loop_stages if loop_stages is None else loop_stages,
         num_warps=num_warps or cfg.num_warps, num_stages=num_stages or cfg.num_stages,
         **({"maxnreg": mr} if (mr := _register_cap(cfg, num_warps, maxnreg)) else {}))

@@ -103,21 +103,25 @@ def variants(arch: int = 90):
                dict(N=n, NKB=nkb, **{f"PT{p}": pt[p] for p in pt}, **{f"SP{p}": sp[p] for p in sp},
                     AM1=False, AM2=False, AM4=False, AM8=False, FOLD=True, TCH=pyramid.SCHEDULE_CHUNK),
                {})
-    for m, n, packed, d, fold, tail in ((128, 128, True, 128, True, False), (128, 64, True, 128, True, False),
-                                        (128, 32, True, 128, True, False), (128, 32, True, 128, False, False),
-                                        (128, 128, False, 128, True, False), (64, 64, True, 64, True, False),
-                                        (128, 64, True, 256, True, False), (128, 64, True, 128, True, True),
-                                        (128, 128, True, 128, True, True), (128, 32, True, 128, True, True)):
+    for m, n, packed, d, fold, tail, heavy in (
+            (128, 128, True, 128, True, False, False), (128, 64, True, 128, True, False, False),
+            (128, 32, True, 128, True, False, False), (128, 32, True, 128, False, False, False),
+            (128, 128, False, 128, True, False, False), (64, 64, True, 64, True, False, False),
+            (128, 64, True, 256, True, False, False), (128, 64, True, 128, True, True, False),
+            (128, 128, True, 128, True, True, False), (128, 32, True, 128, True, True, False),
+            (128, 64, True, 128, True, True, True), (128, 32, True, 128, True, False, True)):
         tile_n = pyramid.tile_width(n)
         launch = kernel_launch_config(m, tile_n, packed, d, major=arch // 10)
         options = {"num_warps": launch.num_warps, "num_stages": launch.num_stages}
         if launch.maxnreg:
             options["maxnreg"] = launch.maxnreg
-        yield (f"attention m{m} n{n} packed={packed} d{d} fold={fold} tail={tail}", pyramid._pyramid_attn_kernel,
+        yield (f"attention m{m} n{n} packed={packed} d{d} fold={fold} tail={tail} heavy={heavy}",
+               pyramid._pyramid_attn_kernel,
                {"Q": "bf16", "KP": "bf16", "VP": "bf16", "Bias": "fp32", "Out": "bf16", "TileLevel": "i32",
-                "TileSeg": "i32", "Counts": "i32", "Segs": "i32", "Perm": "i64", "Levels": "i8"}, ("sm_scale_log2",),
+                "TileSeg": "i32", "Counts": "i32", "Segs": "i32", "Perm": "i64", "Levels": "i8",
+                "TailBias": "fp32", "HK": "bf16", "HV": "bf16", "HB": "i32"}, ("sm_scale_log2",),
                dict(H=12, D=d, BLOCK_M=m, N=n, TILE_N=tile_n, PACKED=packed, HAS_PERM=True,
-                    LOOP_STAGES=launch.loop_stages, FOLD=fold, TAIL=tail),
+                    LOOP_STAGES=launch.loop_stages, FOLD=fold, TAIL=tail, HEAVY=heavy),
                options)
 
 

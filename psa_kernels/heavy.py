@@ -1,0 +1,86 @@
+"""Heavy keys (``heavy_keys``): a few keys per head that every query attends exactly.
+
+Some heads of video DiTs put much of their attention on a handful of single tokens scattered
+over the sequence ("sink" tokens). Block routing misses them: a sampled estimate reads every
+4th key, a block mean dilutes one token n-fold, and the pooled tail gives the token 1/n of its
+weight. Per (batch, head) the ``count`` keys with the largest logit against the head's mean
+query are taken out of the block structure where their block is skipped: a query block whose
+level map puts a heavy key's block at level 0 attends that key exactly, and that block's tail
+mean is taken over its other keys. Where the block is routed (level 1, 2, 4 or 8) the key stays
+where it is, so every key counts once. Selection reads q and k once (one mean, one product).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class HeavyKeys:
+    """Per (batch, head) the chosen keys: where they are and which key block holds them."""
+    index: torch.Tensor   # [B, H, K] int64, positions in the order q and k were given
+    block: torch.Tensor   # [B, H, K] int32, key block (arranged order) of each key
+
+    def heads(self, sl: slice) -> "HeavyKeys":
+        return HeavyKeys(self.index[:, sl], self.block[:, sl])
+
+
+def select_heavy_keys(q: torch.Tensor, k: torch.Tensor, count: int, n: int,
+                      inv: torch.Tensor | None = None, video_len: int | None = None) -> HeavyKeys:
+    """The ``count`` keys of each head with the largest ``mean(q) . k`` ([B, H, L, D] in the
+    caller's order; ``inv[i]`` is the arranged position of token i, None for the identity).
+    Only video tokens are candidates (``video_len`` of them, first in the arranged order): text
+    blocks are always attended in full."""
+    B, H, L, D = q.shape
+    count = min(int(count), L)
+    qbar = q.float().mean(dim=2)                                           # [B, H, D]
+    logit = torch.matmul(k.float(), qbar.unsqueeze(-1)).squeeze(-1)        # [B, H, L]
+    pos = inv if inv is not None else torch.arange(L, device=q.device)
+    if video_len is not None and video_len < L:
+        logit = logit.masked_fill(pos >= video_len, float("-inf"))
+        count = min(count, video_len)
+    index = logit.topk(count, dim=-1, sorted=False).indices
+    return HeavyKeys(index, (pos[index] // n).to(torch.int32))
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """x[b, h, index[b, h]] as [B, H, rows, D] (rows >= K; the rows past K are zero)."""
+    B, H, _, D = x.shape
+    K = index.shape[-1]
+    out = x.new_zeros((B, H, rows or K, D))
+    out[:, :, :K] = torch.gather(x, 2, index.unsqueeze(-1).expand(B, H, K, D))
+    return out
+
+
+def padded_blocks(heavy: HeavyKeys, rows: int) -> torch.Tensor:
+    """[B, H, rows] int32 key blocks, -1 past the K chosen keys (rows the kernel masks)."""
+    B, H, K = heavy.block.shape
+    out = torch.full((B, H, rows), -1, dtype=torch.int32, device=heavy.block.device)
+    out[:, :, :K] = heavy.block
+    return out
+
+
+def tail_without_heavy(sums_k: torch.Tensor, sums_v: torch.Tensor, counts: torch.Tensor,
+                       k: torch.Tensor, v: torch.Tensor, heavy: HeavyKeys):
+    """Block means over the keys that are not heavy. ``sums_k``/``sums_v`` [B, H, nkb, D] float32
+    sums over every real key of each block, ``counts`` [nkb] its real keys; k, v in the order
+    ``heavy.index`` refers to. Returns the means [B, H, nkb, D] float32 and the bias
+    [B, H, nkb] float32 (ln of the keys left; -inf for a block whose keys are all heavy)."""
+    B, H, nkb, D = sums_k.shape
+    blk = heavy.block.long()
+    hk, hv = gather_rows(k, heavy.index).float(), gather_rows(v, heavy.index).float()
+    sk = sums_k.scatter_add(2, blk.unsqueeze(-1).expand_as(hk), -hk)
+    sv = sums_v.scatter_add(2, blk.unsqueeze(-1).expand_as(hv), -hv)
+    left = counts.expand(B, H, nkb).scatter_add(2, blk, -torch.ones_like(blk, dtype=counts.dtype))
+    div = left.clamp_min(1.0).unsqueeze(-1)
+    bias = torch.where(left > 0.5, left.clamp_min(1.0).log(), torch.full_like(left, -math.inf))
+    return sk / div, sv / div, bias
+
+
+def heavy_per_row(levels: torch.Tensor, heavy: HeavyKeys) -> torch.Tensor:
+    """[B, H, nqb]: heavy keys each query block attends exactly (those in its level-0 blocks)."""
+    B, H, nqb, nkb = levels.shape
+    blk = heavy.block.long().unsqueeze(2).expand(B, H, nqb, heavy.block.shape[-1])
+    return (levels.gather(-1, blk) == 0).sum(-1)
