@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from ..psa_kernels.config import ConfigError
-from .patch import OVERRIDE_KEY, PSAModelPatch
+from .patch import OVERRIDE_KEY, PSAModelPatch, PSAOverride
 from .plan_record import PlanRecorder, PlanSnapshot
 
 AUTO_BLOCKS = "auto"
@@ -15,7 +15,8 @@ MAX_PANELS = 4
 def recorder_of(model) -> PlanRecorder:
     """The recorder Apply PSA gave this model; ConfigError saying what to connect or switch on."""
     to = getattr(model, "model_options", {}).get("transformer_options", {})
-    patch = to.get(OVERRIDE_KEY)
+    override = to.get(OVERRIDE_KEY)
+    patch = override.patch if isinstance(override, PSAOverride) else override
     if not isinstance(patch, PSAModelPatch):
         raise ConfigError("model: not a model patched by Apply PSA; connect Apply PSA's MODEL output")
     if patch.recorder is None:

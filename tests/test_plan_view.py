@@ -24,8 +24,9 @@ CFG = config.PSAConfig.from_dict({"block_size": {"m": 32, "n": 16, "tile_n": 16}
 
 
 def _model(recorder):
+    # as Apply PSA leaves it: the patch's override in the model's transformer options
     p = patch.PSAModelPatch(presets.PSAPreset("Wan2.1_1.3b", "t", CFG), recorder=recorder)
-    return SimpleNamespace(model_options={"transformer_options": {patch.OVERRIDE_KEY: p}})
+    return SimpleNamespace(model_options={"transformer_options": {patch.OVERRIDE_KEY: patch.PSAOverride(p)}})
 
 
 def _run(recorder, steps=3, blocks=2, dense_steps=1):
