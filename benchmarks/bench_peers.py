@@ -121,9 +121,11 @@ QUICK_SHIPPED = ("Wan2.1_1.3b/psa_topk", "Wan2.1_14b/psa_balanced")
 # tail-only sweeps (block n 64; without the tail these densities lose most of the attention):
 # level 1 alone up to share a; and psa_quality's pyramid (levels 1, 2, 4, 8 ending at 0.06,
 # 0.1, 0.16, 0.3) scaled by s; each routed both ways
-TAIL_L1 = (0.01, 0.02, 0.03, 0.05, 0.08)
+TAIL_L1 = (0.005, 0.01, 0.02, 0.03, 0.05, 0.08)
 TAIL_PYRAMID_SCALE = (0.5, 0.75)
 ESTIMATES = ("sampled", "block_mean")
+# heavy keys per head (heavy_keys): each tail preset (sweeps and shipped) also with these
+HEAVY_COUNTS = (256,)
 TAIL, NO_TAIL = "+tail", "-notail"
 
 
@@ -188,10 +190,15 @@ def psa_presets(quick: bool = False) -> dict:
     if not quick:
         for est in ESTIMATES:
             for a in TAIL_L1:
-                out[f"tail64_l1_{a:.2f}_{est}"] = {**_n64(_ranges([a, a, a, a])), "estimate_method": est}
+                out[f"tail64_l1_{a:g}_{est}"] = {**_n64(_ranges([a, a, a, a])), "estimate_method": est}
             for sc in TAIL_PYRAMID_SCALE:
                 cuts = [round(c * sc, 4) for c in (0.06, 0.1, 0.16, 0.3)]
                 out[f"tail64_pyr_x{sc:g}_{est}"] = {**_n64(_ranges(cuts)), "estimate_method": est}
+        for name, preset in list(out.items()):  # the heavy-key variants come last
+            if not preset.get("use_pooled_tail") or preset.get("heavy_keys"):
+                continue
+            for count in HEAVY_COUNTS:
+                out[f"{name}_h{count}"] = {**preset, "heavy_keys": count}
     return out
 
 

@@ -1,7 +1,7 @@
 """The PSA Preset Editor's rule: every widget either keeps the incoming value or replaces it.
 
 Convention, the same for every field so a user learns it once: combo widgets start with
-``keep``, text widgets hold ``keep``, the integer warm-up holds -1, and the description is
+``keep``, text widgets hold ``keep``, the integer widgets hold -1, and the description is
 kept while left empty. Anything else replaces the incoming value, and the result is validated
 as a whole; an error names the widget the user sees and the values allowed there.
 
@@ -184,9 +184,10 @@ def _edit(base: PSAConfig, notes: list, widgets: dict) -> PSAConfig:
     if text != KEEP:
         x2, x4, x8 = _numbers(text, 3, "sim_thresholds", "three numbers 'x2, x4, x8' in [-1, 1]")
         put("sim_thresholds", {"x2": x2, "x4": x4, "x8": x8})
-    warmup = widgets.get("warmup_steps", KEEP_INT)
-    if warmup != KEEP_INT:
-        put("warmup_steps", warmup)
+    for key in ("warmup_steps", "heavy_keys"):
+        value = widgets.get(key, KEEP_INT)
+        if value != KEEP_INT:
+            put(key, value)
     description = widgets.get("description", "")
     if description:
         put("description", description)

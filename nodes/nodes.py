@@ -7,8 +7,9 @@ import logging
 
 from comfy_api.latest import ComfyExtension, io, ui
 
-from ..psa_kernels.config import (ATTN_IMPLS, BLOCK_SIZES_M, BLOCK_SIZES_N, ESTIMATE_METHODS, MASK_MODES, PRESET_TYPES,
-                                  REARRANGE_METHODS, TILE_N_SIZES, ConfigError, PSAConfig)
+from ..psa_kernels.config import (ATTN_IMPLS, BLOCK_SIZES_M, BLOCK_SIZES_N, ESTIMATE_METHODS, MASK_MODES,
+                                  MAX_HEAVY_KEYS, PRESET_TYPES, REARRANGE_METHODS, TILE_N_SIZES, ConfigError,
+                                  PSAConfig)
 from . import edit, plan_view, routes
 from .detect import ModelSignature, detect_section
 from .messages import bilingual
@@ -217,6 +218,10 @@ class PSAPresetEditor(io.ComfyNode):
                 _keep_combo("estimate_method", ESTIMATE_METHODS, "How block importance is estimated: "
                             "sampled queries and keys, or block means (cheaper at long sequences such as "
                             "720p).", advanced=True, optional=True),
+                io.Int.Input("heavy_keys", default=edit.KEEP_INT, min=edit.KEEP_INT, max=MAX_HEAVY_KEYS, optional=True,
+                             **ADVANCED, tooltip="Keys per head (the ones the average query weighs most, such as "
+                                                 "sink tokens) attended exactly wherever their block is skipped; "
+                                                 "0: none; -1 keeps the incoming value."),
             ],
             outputs=[PSAConfigIO.Output(display_name="psa_config", tooltip="The edited preset.")],
         )

@@ -83,6 +83,10 @@ def test_pooled_tail_widget():
     assert edit.edit_preset(BASE, use_pooled_tail="keep") is BASE
     assert edit.edit_preset(BASE, estimate_method="block_mean").estimate_method == "block_mean"
     assert edit.edit_preset(BASE, estimate_method="keep") is BASE
+    assert edit.edit_preset(BASE, heavy_keys=256).heavy_keys == 256
+    assert edit.edit_preset(BASE, heavy_keys=-1) is BASE
+    with pytest.raises(ConfigError, match="heavy_keys"):
+        edit.edit_preset(BASE, heavy_keys=5000)
 
 
 def test_dense_presets_stay_minimal_and_switch_to_psa_fully():
