@@ -311,6 +311,11 @@ class PSAPlanView(io.ComfyNode):
                                 tooltip="Transformer blocks whose level maps are drawn: 'auto' (first, middle "
                                         "and last block that ran PSA) or numbers like '0, 15, 29' (at most 4)."),
                 io.Int.Input("head", default=0, min=0, max=1023, tooltip="Attention head of the level maps."),
+                io.Combo.Input("language", options=list(plan_view.LANGUAGES), default=plan_view.ENGLISH,
+                               optional=True,  # optional: older prompts lack it
+                               tooltip="Language of the picture's text. A new node takes the interface's "
+                                       "language; Chinese needs a font with Chinese glyphs (Noto Sans CJK, "
+                                       "Microsoft YaHei, PingFang, ...), else the picture stays English."),
             ],
             outputs=[io.Image.Output(display_name="plan", tooltip="The picture, also previewed on the node.")],
         )
@@ -320,9 +325,9 @@ class PSAPlanView(io.ComfyNode):
         return float("nan")  # the recording changes with every sampler run: never reuse an old picture
 
     @classmethod
-    def execute(cls, model, samples, blocks: str, head: int) -> io.NodeOutput:
+    def execute(cls, model, samples, blocks: str, head: int, language: str = plan_view.ENGLISH) -> io.NodeOutput:
         with _UIErrors("PSA Plan View: "):
-            image, summary = plan_view.picture(model, blocks, head)
+            image, summary = plan_view.picture(model, blocks, head, language)
         log.info("[PSA] Plan View: %s", summary)
         return io.NodeOutput(image, ui={**ui.PreviewImage(image, cls=cls).as_dict(), "text": (summary,)})
 

@@ -10,6 +10,9 @@ from .plan_record import PlanRecorder, PlanSnapshot
 
 AUTO_BLOCKS = "auto"
 MAX_PANELS = 4
+ENGLISH = "English"
+# the node's language choices -> plan_plot's language codes; the values are what workflows store
+LANGUAGES = {ENGLISH: "en", "中文": "zh"}
 
 
 def recorder_of(model) -> PlanRecorder:
@@ -47,32 +50,38 @@ def _span(blocks: list[int]) -> str:
     return f"{blocks[0]}-{blocks[-1]}" if blocks == list(range(blocks[0], blocks[-1] + 1)) else ", ".join(map(str, blocks))
 
 
-def picture(model, blocks: str, head: int) -> tuple[torch.Tensor, str]:
-    """ComfyUI IMAGE [1, height, width, 3] of the plan recorded for ``model``, and a line saying
-    what it shows."""
+def picture(model, blocks: str, head: int, language: str = ENGLISH) -> tuple[torch.Tensor, str]:
+    """ComfyUI IMAGE [1, height, width, 3] of the plan recorded for ``model``, with its text in
+    ``language`` (one of LANGUAGES), and a line saying what it shows."""
+    if language not in LANGUAGES:
+        raise ConfigError(f"language: got {language!r}; allowed: {', '.join(LANGUAGES)}")
     snap = recorder_of(model).snapshot()
     if snap is None:
         raise ConfigError("samples: no plan recorded; connect the sampler's output to samples so that this "
                           "node runs after sampling")
     try:
-        from ..psa_kernels.plan_plot import LevelMap, render_plan
+        import matplotlib  # noqa: F401  (plan_plot draws with it)
     except ImportError:
         raise ConfigError("matplotlib is not installed; install it into ComfyUI's Python "
                           "(pip install matplotlib)") from None
+    from ..psa_kernels.plan_plot import LevelMap, picture_language, plan_text, render_plan
+
+    lang = picture_language(LANGUAGES[language])  # English when no font can draw Chinese
     panels = []
     if snap.maps:
         for b in choose_blocks(blocks, snap):
             m = snap.maps[b]
             if head >= m.levels.shape[0]:
                 raise ConfigError(f"head: got {head}; allowed: 0 to {m.levels.shape[0] - 1}")
-            every = "" if m.stride == (1, 1) else f", every {m.stride[0]}th/{m.stride[1]}th block"
-            panels.append(LevelMap(m.levels[head].numpy(), f"block {b}, head {head}, step {m.step + 1}{every}",
-                                   snap.pooled_tail, snap.tail_n))
+            caption = plan_text(lang, "panel_block", block=b, head=head, step=m.step + 1)
+            if m.stride != (1, 1):
+                caption += plan_text(lang, "panel_every", q=m.stride[0], k=m.stride[1])
+            panels.append(LevelMap(m.levels[head].numpy(), caption, snap.pooled_tail, snap.tail_n))
     grid = "x".join(map(str, snap.grid)) if snap.grid else "?"
-    title = f"PSA plan of the last sampler run: token grid {grid}, {snap.steps} steps"
+    title = plan_text(lang, "run_title", grid=grid, steps=snap.steps)
     if not panels:
-        title += " (every self-attention call ran dense: " + ", ".join(sorted(set(snap.dense_reasons.values()))) + ")"
-    rgb = render_plan(panels, snap.density, title=title)
+        title += plan_text(lang, "all_dense", reasons=", ".join(sorted(set(snap.dense_reasons.values()))))
+    rgb = render_plan(panels, snap.density, title=title, language=lang)
     with np.errstate(all="ignore"):
         per_step = np.nanmean(snap.density, axis=1)
     drawn = ", ".join(str(b) for b in (choose_blocks(blocks, snap) if snap.maps else [])) or "none"

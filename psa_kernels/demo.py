@@ -2,6 +2,7 @@
 
     python3 -m psa_kernels.demo                                   # default preset, shape for this machine
     python3 -m psa_kernels.demo --preset Wan2.1_1.3b/psa_fast --grid 21 30 52
+    python3 -m psa_kernels.demo --language zh                     # the picture's text in Chinese
 
 On a GPU the problem has the Wan 2.1 1.3B 480p x 81-frame shape (12 heads, 21 x 30 x 52
 tokens, head dim 128, bf16) and runs the Triton kernels; on a CPU a small one runs the
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import load_attention_config, psa_attention, psa_plan
+from .plan_plot import plan_text
 from .synthetic import relative_l2, structured_qkv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,14 +45,17 @@ def _timed(fn, reps: int) -> tuple[object, float]:
     return out, sorted(times)[len(times) // 2]
 
 
-def write_plan_picture(levels: torch.Tensor, path: Path, pooled_tail: bool, title: str, block_n: int = 0) -> None:
-    """PNG of the level maps of the first heads of a [H, nqb, nkb] plan, with legend and axes."""
-    from .plan_plot import LevelMap, render_plan, save_png
+def write_plan_picture(levels: torch.Tensor, path: Path, pooled_tail: bool, title: str, block_n: int = 0,
+                       language: str = "en") -> None:
+    """PNG of the level maps of the first heads of a [H, nqb, nkb] plan, with legend and axes;
+    ``title`` is a function of the language the picture is drawn in (English without a CJK font)."""
+    from .plan_plot import LevelMap, picture_language, plan_text, render_plan, save_png
 
-    panels = [LevelMap(levels[h].cpu().numpy(), f"head {h}", pooled_tail, block_n)
+    language = picture_language(language)
+    panels = [LevelMap(levels[h].cpu().numpy(), plan_text(language, "panel_head", head=h), pooled_tail, block_n)
               for h in range(min(PANELS, levels.shape[0]))]
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_png(render_plan(panels, title=title), path)
+    save_png(render_plan(panels, title=title(language), language=language), path)
 
 
 def gpu_results(path: Path = RESULTS) -> list[str]:
@@ -79,6 +84,8 @@ def main(argv=None) -> None:
     ap.add_argument("--heads", type=int, default=12 if gpu else 2)
     ap.add_argument("--head-dim", type=int, default=128 if gpu else 64)
     ap.add_argument("--picture", default="out/level_map.png", help="where to write the level-map picture")
+    ap.add_argument("--language", choices=("en", "zh"), default="en",
+                    help="language of the picture's text (zh needs a font with Chinese glyphs)")
     args = ap.parse_args(argv)
 
     section_name, _, preset_name = args.preset.partition("/")
@@ -98,8 +105,9 @@ def main(argv=None) -> None:
     plan = psa_plan(q, k, cfg, grid, v=v)
     picture = Path(args.picture)
     write_plan_picture(plan.levels[0], picture, cfg.use_pooled_tail,
-                       f"{args.preset}: grid {'x'.join(map(str, grid))}, mean density of all heads "
-                       f"{stats.density:.3f}", block_n=cfg.block_size.n)
+                       lambda lang: plan_text(lang, "demo_title", preset=args.preset, grid="x".join(map(str, grid)),
+                                              density=stats.density),
+                       block_n=cfg.block_size.n, language=args.language)
 
     B, H, L, D = q.shape
     where = torch.cuda.get_device_name() if gpu else "CPU (torch reference)"

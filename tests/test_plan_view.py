@@ -89,9 +89,96 @@ def test_level_map_colours_follow_levels_and_tail_legend():
     assert white > np.all(tail == 255, axis=-1).mean()
 
 
-def test_cpu_demo_prints_gpu_figures_not_cpu_timings(tmp_path, capsys):
+def _texts(fig) -> list[str]:
+    from matplotlib.text import Text
+
+    return [t.get_text() for t in fig.findobj(Text) if t.get_text().strip()]
+
+
+def _missing_glyphs(caught) -> list[str]:
+    return [str(w.message) for w in caught if "missing from font" in str(w.message)]
+
+
+def _figure(language):
+    lv = np.array([[1, 2, 4, 8, 0, 0]] * 6)
+    density = np.array([[1.0, 1.0], [0.4, np.nan], [0.3, 0.2]])
+    return plan_plot.plan_figure([plan_plot.LevelMap(lv, "panel", pooled_tail=True, block_n=64)], density,
+                                 title="title", language=language)
+
+
+def test_chinese_picture_text_in_a_cjk_font_without_missing_glyphs():
+    if plan_plot.cjk_font() is None:
+        pytest.skip("no font with Chinese glyphs installed (e.g. apt-get install fonts-noto-cjk): the Chinese "
+                    "picture is not drawn here")
+    import warnings
+
+    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        zh, en = _figure("zh"), _figure("en")
+        # the check is a real one: Chinese text in matplotlib's default font does warn
+        plain = Figure()
+        FigureCanvasAgg(plain)
+        plain.suptitle("密度")
+        plain.canvas.draw()
+    assert len(_missing_glyphs(caught)) == 2, [str(w.message) for w in caught]  # 密 and 度, from `plain` only
+    zh_texts, en_texts = _texts(zh), _texts(en)
+    for word in ("key 块", "query 块", "采样步", "transformer 块", "每一步每个块的密度（1 = 全注意力）",
+                 "每个（query 块, key 块）对的层级，括号内为所占比例"):
+        assert word in zh_texts, (word, zh_texts)
+    assert {"1 全分辨率 (17%)", "2 池化 (17%)", "尾部（池化） (33%)", "panel\n密度 0.318"} <= set(zh_texts)
+    assert {"key block", "sampling step", "1 full (17%)", "tail (pooled) (33%)", "panel\ndensity 0.318"} <= set(en_texts)
+    assert not set(en_texts) & {"key 块", "采样步", "密度"} and "key block" not in zh_texts
+    from matplotlib.text import Text
+    label = next(t for t in zh.findobj(Text) if t.get_text() == "key 块")
+    assert label.get_fontfamily()[0] == plan_plot.cjk_font()
+    # the two pictures differ in their pixels, not only in their text objects
+    rgb = [np.asarray(f.canvas.buffer_rgba())[..., :3] for f in (zh, en)]
+    assert rgb[0].shape == rgb[1].shape and np.abs(rgb[0].astype(int) - rgb[1]).sum() > 0
+
+
+def test_chinese_picture_falls_back_to_english_without_a_cjk_font(monkeypatch, caplog):
+    monkeypatch.setattr(plan_plot, "cjk_font", lambda: None)
+    monkeypatch.setattr(plan_plot, "_warned", set())
+    with caplog.at_level("WARNING", logger="psa"):
+        texts = [_texts(_figure("zh")) for _ in range(2)]
+    assert texts[0] == texts[1] == _texts(_figure("en"))
+    assert "key block" in texts[0] and not any("块" in t for t in texts[0])
+    lines = [r.getMessage() for r in caplog.records if "no font with Chinese glyphs" in r.getMessage()]
+    assert len(lines) == 1 and "drawn in English" in lines[0] and "fonts-noto-cjk" in lines[0]
+    # the node: the same picture as the English one, pixel for pixel
+    rec = plan_record.PlanRecorder()
+    _run(rec)
+    zh_image, _ = plan_view.picture(_model(rec), "auto", 0, "中文")
+    en_image, _ = plan_view.picture(_model(rec), "auto", 0, "English")
+    assert torch.equal(zh_image, en_image)
+
+
+def test_plan_view_language_input(monkeypatch):
+    rec = plan_record.PlanRecorder()
+    _run(rec)
+    with pytest.raises(config.ConfigError, match="language: got 'fr'; allowed: English, 中文"):
+        plan_view.picture(_model(rec), "auto", 0, "fr")
+    drawn = {}
+    monkeypatch.setattr(plan_plot, "render_plan",
+                        lambda panels, density, title, language: drawn.update(
+                            panels=[p.title for p in panels], title=title, language=language) or np.zeros((4, 4, 3), np.uint8))
+    monkeypatch.setattr(plan_plot, "cjk_font", lambda: "Some CJK Font")
+    plan_view.picture(_model(rec), "auto", 1, "中文")
+    assert drawn == {"panels": ["块 0，注意力头 1，第 3 步", "块 1，注意力头 1，第 3 步"],
+                     "title": "上一次采样的 PSA 计划：token 网格 2x8x8，3 步", "language": "zh"}
+    plan_view.picture(_model(rec), "auto", 1, "English")
+    assert drawn["panels"][0] == "block 0, head 1, step 3" and drawn["language"] == "en"
+    assert drawn["title"] == "PSA plan of the last sampler run: token grid 2x8x8, 3 steps"
+
+
+@pytest.mark.parametrize("language", ["en", "zh"])
+def test_cpu_demo_prints_gpu_figures_not_cpu_timings(tmp_path, capsys, language):
     picture = tmp_path / "plan.png"
-    demo.main(["--picture", str(picture), "--grid", "2", "8", "16", "--heads", "2", "--head-dim", "32"])
+    demo.main(["--picture", str(picture), "--grid", "2", "8", "16", "--heads", "2", "--head-dim", "32",
+               "--language", language])
     out = capsys.readouterr().out
     if torch.cuda.is_available():
         pytest.skip("on a GPU the demo times the kernels")
