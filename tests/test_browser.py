@@ -3,7 +3,8 @@
 Needs COMFYUI_PATH (a ComfyUI checkout with its requirements), the Python package `playwright`
 (installed with PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1: it drives Debian's Chromium, never a browser
 of its own) and /usr/bin/chromium (Debian package `chromium`; `fonts-noto-cjk` for readable
-Chinese in the screenshots). Without any of them every test here is skipped with a warning.
+Chinese in the screenshots). Without any of them every test here is skipped with a warning;
+with PSA_REQUIRE_BROWSER=1 (CI sets it once it has installed them) they fail instead.
 Screenshots go to out/browser/ (or $PSA_ARTIFACTS).
 """
 from __future__ import annotations
@@ -14,9 +15,11 @@ import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from comfy_harness import ComfyServer, comfyui_path_or_skip, make_tiny_wan, new_base
+from pack_import import pack_module
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = Path(os.environ.get("PSA_CHROMIUM", "/usr/bin/chromium"))
@@ -29,6 +32,8 @@ PSA_TYPES = ("PSALoader", "PSAPresetEditor", "ApplyPSA", "PSAPlanView")
 
 
 def _skip(reason: str):
+    if os.environ.get("PSA_REQUIRE_BROWSER") == "1":
+        pytest.fail(reason.replace("did NOT run", "cannot run") + " (PSA_REQUIRE_BROWSER=1)")
     warnings.warn(reason, UserWarning, stacklevel=2)
     pytest.skip(reason)
 
@@ -43,7 +48,10 @@ def browser():
     if not CHROMIUM.is_file():
         _skip(f"{CHROMIUM} not found: the browser tests did NOT run (apt-get install chromium)")
     with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS, headless=True)
+        try:
+            b = pw.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS, headless=True, timeout=120_000)
+        except Exception as e:  # playwright's Error: a browser that does not start on this machine
+            _skip(f"{CHROMIUM} did not start: the browser tests did NOT run ({str(e).splitlines()[0]})")
         yield b
         b.close()
 
@@ -55,7 +63,12 @@ def server(tmp_path_factory):
     make_tiny_wan(comfy, base / "models" / "diffusion_models" / TINY, seed=3)
     broken = base / "broken_presets.yaml"
     broken.write_text("Wan2.1_1.3b:\n  attention_configs:\n    mine: {mask_mode: sideways}\n", encoding="utf-8")
-    srv = ComfyServer(comfy, base, env={"PSA_USER_PRESETS": str(broken)})
+    env = {"PSA_USER_PRESETS": str(broken)}
+    try:
+        srv = ComfyServer(comfy, base, env=env)
+    except RuntimeError as first:  # one more try (a port taken between choosing and binding it, a slow start)
+        warnings.warn(f"ComfyUI did not start, trying once more: {str(first).splitlines()[0]}", UserWarning)
+        srv = ComfyServer(comfy, base, env=env)
     yield srv
     srv.stop()
 
@@ -139,6 +152,10 @@ def test_workflows_render_psa_nodes_and_the_ui_helps(browser, server, lang):
             assert kind["shown"] == ("保持 (keep)" if lang == "zh" else "keep")
             preview = next(w for w in ed["widgets"] if w["name"] == "psa_preview")
             assert "mask_ratios" in preview["value"] or "auto" in preview["value"], preview["value"]
+        for view in (n for n in psa if n["type"] == "PSAPlanView"):
+            # saved without a language (an older workflow): the node takes the interface's
+            language = next(w for w in view["widgets"] if w["name"] == "language")
+            assert language["value"] == ("中文" if lang == "zh" else "English")
         _shot(page, f"{path.stem}_{lang}", PSA_TYPES)
     # switching a Loader's section filters its preset list at once
     page.evaluate("""() => { const n = window.app.graph._nodes.find(n => n.type === 'PSALoader');
@@ -146,6 +163,77 @@ def test_workflows_render_psa_nodes_and_the_ui_helps(browser, server, lang):
     opts = page.evaluate("""() => window.app.graph._nodes.find(n => n.type === 'PSALoader')
         .widgets.find(w => w.name === 'preset').options.values""")
     assert "psa_topk" not in opts and "default" in opts
+    assert not errors, errors
+    page.close()
+
+
+WIDGET_AT_JS = """([type, name]) => { const c = window.app.canvas, ds = c.ds, LG = window.LiteGraph;
+    const node = window.app.graph._nodes.find(n => n.type === type);
+    ds.scale = 1; ds.offset = [300 - node.pos[0], 300 - node.pos[1]];
+    c.setDirty(true, true); c.draw(true, true);  // drawn now: the widgets know their y
+    const w = node.widgets.find(w => w.name === name);
+    const [x, y] = ds.convertOffsetToCanvas([node.pos[0] + node.size[0] / 2,
+                                             node.pos[1] + w.y + (w.computedHeight || LG.NODE_WIDGET_HEIGHT) / 2]);
+    const rect = c.canvas.getBoundingClientRect();
+    return [rect.left + x, rect.top + y]; }"""
+
+WIDGET_STATE_JS = """async ([type, name]) => { const app = window.app;
+    const node = app.graph._nodes.find(n => n.type === type);
+    const w = node.widgets.find(w => w.name === name);
+    const saved = app.graph.serialize().nodes.find(n => n.id === node.id).widgets_values;
+    const prompt = (await app.graphToPrompt()).output[String(node.id)].inputs[name];
+    return {value: w.value, shown: w._displayValue, saved: saved[node.widgets.indexOf(w)], prompt}; }"""
+
+
+def _open_dropdown(page, node_type: str, name: str):
+    """Clicks the middle of a combo widget, as a user does; the dropdown list it opens."""
+    x, y = page.evaluate(WIDGET_AT_JS, [node_type, name])
+    page.mouse.click(x, y)
+    menu = page.locator(".litecontextmenu").last
+    menu.wait_for(timeout=15_000)
+    return menu
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_dropdowns_show_chinese_labels_and_keep_the_english_values(browser, server, lang):
+    zh = lang == "zh"
+    page, errors = _page(browser, server, lang)
+    page.evaluate("wf => window.app.loadGraphData(wf)", json.loads((REPO / "workflows" / "wan2.1_t2v_1.3B_psa.json").read_text()))
+    page.wait_for_timeout(1000)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+
+    menu = _open_dropdown(page, "PSAPresetEditor", "type")
+    entries = menu.locator(".litemenu-entry")
+    assert entries.all_inner_texts() == (["保持 (keep)", "稀疏注意力 (psa)", "全注意力 (dense)"] if zh
+                                         else ["keep", "psa", "dense"])
+    page.screenshot(path=str(ARTIFACTS / f"dropdown_editor_type_{lang}.png"))
+    entries.nth(2).click()
+    state = page.evaluate(WIDGET_STATE_JS, ["PSAPresetEditor", "type"])
+    assert state == {"value": "dense", "shown": "全注意力 (dense)" if zh else "dense", "saved": "dense", "prompt": "dense"}
+    # a level-range text field left on keep reads the same way, and sends 'keep'
+    state = page.evaluate(WIDGET_STATE_JS, ["PSAPresetEditor", "level_1"])
+    assert state == {"value": "keep", "shown": "保持 (keep)" if zh else "keep", "saved": "keep", "prompt": "keep"}
+
+    # a longer list: ComfyUI adds a filter box, which finds the Chinese labels too
+    menu = _open_dropdown(page, "PSALoader", "model_section")
+    texts = menu.locator(".litemenu-entry").all_inner_texts()
+    assert texts[0] == ("自动识别 (auto)" if zh else "auto") and "Wan2.1_14b" in texts
+    page.screenshot(path=str(ARTIFACTS / f"dropdown_loader_section_{lang}.png"))
+    if zh:
+        menu.locator(".comfy-context-menu-filter").fill("自动")
+        shown = [t for t, visible in zip(menu.locator(".litemenu-entry").all_inner_texts(),
+                                         menu.locator(".litemenu-entry").evaluate_all("es => es.map(e => e.style.display !== 'none')"))
+                 if visible]
+        assert shown == ["自动识别 (auto)"]
+        menu.locator(".comfy-context-menu-filter").press("Enter")
+    else:
+        menu.locator(".litemenu-entry", has_text="auto").first.click()
+    state = page.evaluate(WIDGET_STATE_JS, ["PSALoader", "model_section"])
+    assert state["value"] == state["saved"] == state["prompt"] == "auto"
+
+    menu = _open_dropdown(page, "PSAPresetEditor", "save_section")
+    assert menu.locator(".litemenu-entry").first.inner_text() == ("沿用输入 (incoming)" if zh else "incoming")
+    page.keyboard.press("Escape")
     assert not errors, errors
     page.close()
 
@@ -174,17 +262,19 @@ TINY_GRAPH_JS = """async (model) => {
   api.addEventListener('executed', e => { if (String(e.detail.node) === String(view.id)) window.__psaDone = e.detail; });
   api.addEventListener('execution_error', e => { window.__psaDone = {error: e.detail}; });
   await app.queuePrompt(0, 1);
-  return view.id;
+  return view.widgets.find(w => w.name === 'language').value;
 }"""
+PICTURES = {}  # language -> the Plan View picture of the tiny prompt
 
 
 @pytest.mark.parametrize("lang", ["en", "zh"])
 def test_tiny_prompt_shows_the_level_map(browser, server, lang):
     page, errors = _page(browser, server, lang)
-    page.evaluate(TINY_GRAPH_JS, TINY)
+    # a new Plan View node draws in the interface's language
+    assert page.evaluate(TINY_GRAPH_JS, TINY) == ("中文" if lang == "zh" else "English")
     page.wait_for_function("() => window.__psaDone", timeout=300_000)
     done = page.evaluate("() => window.__psaDone")
-    assert "error" not in done, done
+    assert "error" not in done, done.get("error", {}).get("exception_message", done)
     assert done["output"]["text"][0].startswith("level maps of blocks: 0, 1; mean density per step: 1.000, 0.")
     images = done["output"]["images"]
     assert images and images[0]["type"] == "temp"
@@ -196,5 +286,11 @@ def test_tiny_prompt_shows_the_level_map(browser, server, lang):
     _shot(page, f"tiny_prompt_plan_view_{lang}", ("PSAPlanView",))
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shutil.copy2(picture, ARTIFACTS / f"plan_view_{lang}.png")
+    PICTURES[lang] = picture
+    if len(PICTURES) == 2 and pack_module("psa_kernels.plan_plot").cjk_font() is not None:
+        # the same plan, drawn with English and with Chinese text (the server has this machine's fonts)
+        from PIL import Image
+        en, cn = (np.asarray(Image.open(PICTURES[k]).convert("RGB")) for k in ("en", "zh"))
+        assert en.shape == cn.shape and (en != cn).any(axis=-1).mean() > 0.005
     assert not errors, errors
     page.close()

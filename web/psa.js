@@ -3,7 +3,9 @@
 //  - PSA Preset Editor: a read-only preview of the incoming preset's values, updated when the
 //    connected Loader changes, and the editor's result after a run.
 //  - Chinese labels next to the pack's combo values (keep, incoming, auto, default, ...) when the
-//    interface language is Chinese; the values stored in workflows stay the same.
+//    interface language is Chinese, on the node and in the dropdown list; the values stored in
+//    workflows and prompts stay the English keys.
+//  - PSA Plan View: a new node draws its picture in the interface's language (saved in the workflow).
 //  - Problems met while reading the presets files show as a warning toast, in the UI's language.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -13,8 +15,10 @@ const ZH_LABELS = {
   keep: "保持", incoming: "沿用输入", auto: "自动识别", default: "默认", baseline: "全注意力基线",
   true: "是", false: "否", psa: "稀疏注意力", dense: "全注意力", thresholdbound: "累积质量界限",
   topk: "固定份额", Gilbert: "Gilbert 曲线", Tiled: "分块", off: "关闭",
-  sampled: "采样估计", block_mean: "块均值估计",
+  sampled: "采样估计", block_mean: "块均值估计", new_mask_type: "新掩码格式", old_mask_type: "旧掩码格式",
 };
+const zhLabel = (v) => (ZH_LABELS[v] ? `${ZH_LABELS[v]} (${v})` : v);
+const PLAN_LANGUAGE = { zh: "中文", en: "English" };  // PSA Plan View's language values
 const PREVIEW = "psa_preview";
 
 let library = null;      // {sections: {name: {default, presets: {name: fields}}}, problems: [{en, zh}]}
@@ -165,19 +169,41 @@ function refreshEditorsOf(loader) {
   }
 }
 
-// Chinese label beside the stored value, on the canvas only.
-function labelCombos(node) {
+// Chinese label beside the stored value, on the node and in the dropdown list. This frontend's
+// combo widget (litegraph's ComboWidget, frontend 1.27) has no option-label hook: it draws
+// `_displayValue` and opens a LiteGraph.ContextMenu of the raw values. So, for the PSA nodes'
+// combos only, `_displayValue` is overridden on the widget, and after a click the entries of the
+// menu it opened get their label as text; each entry keeps its value, so choosing one stores the
+// English key. The editor's level-range text fields show their `keep` / `off` the same way (the
+// text to edit stays the value).
+const TEXT_LABELLED = new Set(["keep", "off"]);
+function labelValues(node) {
   if (!isZh()) return;
   for (const w of node.widgets ?? []) {
-    if (w.type !== "combo") continue;
+    const text = w.type === "string" || w.type === "text";
+    if (w.type !== "combo" && !text) continue;
     Object.defineProperty(w, "_displayValue", {
       configurable: true,
       get() {
-        if (this.computedDisabled) return "";
         const v = String(this.value);
-        return ZH_LABELS[v] ? `${ZH_LABELS[v]} (${v})` : v;
+        return this.computedDisabled ? "" : !text || TEXT_LABELLED.has(v) ? zhLabel(v) : v;
       },
     });
+    if (text) continue;
+    const click = w.onClick;
+    if (typeof click !== "function") continue;
+    w.onClick = function (...args) {
+      const before = new Set(document.querySelectorAll(".litecontextmenu"));
+      const r = click.apply(this, args);
+      for (const menu of document.querySelectorAll(".litecontextmenu")) {
+        if (before.has(menu)) continue;
+        for (const entry of menu.querySelectorAll(".litemenu-entry")) {
+          const v = entry.dataset.value;
+          if (v !== undefined && ZH_LABELS[v]) entry.textContent = zhLabel(v);
+        }
+      }
+      return r;
+    };
   }
 }
 
@@ -207,8 +233,13 @@ app.registerExtension({
   async nodeCreated(node) {
     const kind = node.comfyClass;
     if (!PSA_NODES.has(kind)) return;
-    labelCombos(node);
+    labelValues(node);
     if (kind === "PSALoader") filterLoader(node);
+    if (kind === "PSAPlanView") {
+      // a node made now takes the interface's language; a loaded workflow's saved value replaces it
+      const language = widget(node, "language");
+      if (language) language.value = PLAN_LANGUAGE[isZh() ? "zh" : "en"];
+    }
     if (kind === "PSAPresetEditor") {
       loadLibrary().then(() => refreshEditor(node));
       chain(node, "onConnectionsChange", () => { node.psaRan = false; refreshEditor(node); });
