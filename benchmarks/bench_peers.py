@@ -125,7 +125,7 @@ TAIL_L1 = (0.005, 0.01, 0.02, 0.03, 0.05, 0.08)
 TAIL_PYRAMID_SCALE = (0.5, 0.75)
 ESTIMATES = ("sampled", "block_mean")
 # heavy keys per head (heavy_keys): each tail preset (sweeps and shipped) also with these
-HEAVY_COUNTS = (256,)
+HEAVY_COUNTS = (128, 256)
 TAIL, NO_TAIL = "+tail", "-notail"
 
 

@@ -35,8 +35,10 @@ def select_heavy_keys(q: torch.Tensor, k: torch.Tensor, count: int, n: int,
     blocks are always attended in full."""
     B, H, L, D = q.shape
     count = min(int(count), L)
-    qbar = q.float().mean(dim=2)                                           # [B, H, D]
-    logit = torch.matmul(k.float(), qbar.unsqueeze(-1)).squeeze(-1)        # [B, H, L]
+    # accumulated in float32 without a float copy of q or k (a call's time: benchmarks/NOTES.md,
+    # change 32); the ranking needs no more than k's own precision
+    qbar = q.mean(dim=2, dtype=torch.float32)                              # [B, H, D]
+    logit = torch.matmul(k, qbar.to(k.dtype).unsqueeze(-1)).squeeze(-1)    # [B, H, L]
     pos = inv if inv is not None else torch.arange(L, device=q.device)
     if video_len is not None and video_len < L:
         logit = logit.masked_fill(pos >= video_len, float("-inf"))
