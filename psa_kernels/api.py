@@ -147,7 +147,9 @@ def psa_plan(q: torch.Tensor, k: torch.Tensor, cfg: PSAConfig, grid, text_len: i
     text_k = torch.arange(nkb, device=q.device) * n + n > video_len if text_len else None
     pyr = sim = heavy = None
     if cfg.heavy_keys:
-        heavy = select_heavy_keys(q, k, cfg.heavy_keys, n, inv, video_len)
+        triton_path = backend == "triton"
+        heavy = select_heavy_keys(q, _unit_stride(k) if triton_path else k, cfg.heavy_keys, n, inv, video_len,
+                                  use_triton=triton_path)
     if backend == "triton":
         # The kernels read the arranged order through perm, so nothing is copied; the pyramid
         # pass reads every key block anyway and measures key similarity on the way.

@@ -16,6 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .triton_compat import tl, triton
+
+LOGIT_ROWS = 64  # keys per program of the mean-query logit kernel
+
 
 @dataclass
 class HeavyKeys:
@@ -27,18 +31,44 @@ class HeavyKeys:
         return HeavyKeys(self.index[:, sl], self.block[:, sl])
 
 
+@triton.jit
+def _mean_query_logit_kernel(K, Qbar, Out, L, skb, skh, skl, H: tl.constexpr, D: tl.constexpr, CH: tl.constexpr):
+    # One program: CH keys of one (batch, head), each dotted with the head's mean query.
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    r = c * CH + tl.arange(0, CH)
+    valid = r < L
+    dd = tl.arange(0, D)
+    k = tl.load(K + (bh // H) * skb + (bh % H) * skh + r[:, None] * skl + dd[None, :], mask=valid[:, None], other=0.0)
+    qbar = tl.load(Qbar + bh * D + dd)
+    tl.store(Out + bh * L + r, tl.sum(k.to(tl.float32) * qbar[None, :], 1), mask=valid)
+
+
+def mean_query_logits(q: torch.Tensor, k: torch.Tensor, use_triton: bool = False) -> torch.Tensor:
+    """[B, H, L] float32: every key's logit against its head's mean query (q, k [B, H, L, D], any
+    strides with unit stride along D on the Triton path). Neither path copies q or k: the mean
+    is a strided reduction, and the Triton kernel reads k once where torch's batched product
+    would first copy a k that is a view of [B, L, H*D] (benchmarks/NOTES.md, change 32)."""
+    B, H, L, D = q.shape
+    qbar = q.mean(dim=2, dtype=torch.float32)                              # [B, H, D]
+    if not use_triton:
+        return torch.matmul(k.float(), qbar.unsqueeze(-1)).squeeze(-1)
+    out = torch.empty((B, H, L), device=k.device, dtype=torch.float32)
+    _mean_query_logit_kernel[(triton.cdiv(L, LOGIT_ROWS), B * H)](
+        k, qbar.contiguous(), out, L, k.stride(0), k.stride(1), k.stride(2), H=H, D=D, CH=LOGIT_ROWS, num_warps=4)
+    return out
+
+
 def select_heavy_keys(q: torch.Tensor, k: torch.Tensor, count: int, n: int,
-                      inv: torch.Tensor | None = None, video_len: int | None = None) -> HeavyKeys:
+                      inv: torch.Tensor | None = None, video_len: int | None = None,
+                      use_triton: bool = False) -> HeavyKeys:
     """The ``count`` keys of each head with the largest ``mean(q) . k`` ([B, H, L, D] in the
     caller's order; ``inv[i]`` is the arranged position of token i, None for the identity).
     Only video tokens are candidates (``video_len`` of them, first in the arranged order): text
     blocks are always attended in full."""
     B, H, L, D = q.shape
     count = min(int(count), L)
-    # accumulated in float32 without a float copy of q or k (a call's time: benchmarks/NOTES.md,
-    # change 32); the ranking needs no more than k's own precision
-    qbar = q.mean(dim=2, dtype=torch.float32)                              # [B, H, D]
-    logit = torch.matmul(k, qbar.to(k.dtype).unsqueeze(-1)).squeeze(-1)    # [B, H, L]
+    logit = mean_query_logits(q, k, use_triton)
     pos = inv if inv is not None else torch.arange(L, device=q.device)
     if video_len is not None and video_len < L:
         logit = logit.masked_fill(pos >= video_len, float("-inf"))

@@ -10,7 +10,7 @@ import torch
 from psa_kernels import PSAConfig, psa_attention, psa_plan
 from psa_kernels import pyramid
 from psa_kernels.errors import ConfigError
-from psa_kernels.heavy import HeavyKeys, heavy_per_row, select_heavy_keys
+from psa_kernels.heavy import HeavyKeys, heavy_per_row, mean_query_logits, select_heavy_keys
 from psa_kernels.synthetic import relative_l2, structured_qkv, video_attention_qkv
 from test_psa_attention import HAND_LEVELS, KERNEL_TOL, _close, _random_levels
 
@@ -125,6 +125,20 @@ def test_selection_picks_the_keys_the_mean_query_likes_most(device):
     assert torch.equal(plan.heavy.index.sort(-1).values, expected)
     arranged_pos = plan.inv[plan.heavy.index] if plan.inv is not None else plan.heavy.index
     assert torch.equal(plan.heavy.block.long(), arranged_pos // n)
+
+
+def test_mean_query_logits_kernel_matches_torch_on_a_model_layout(device):
+    # q and k as an attention override gets them: views of [B, L, H*D], heads not contiguous
+    B, L, H, D = 2, 150, 3, 32
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(B, L, H * D, generator=g).to(device).view(B, L, H, D).transpose(1, 2)
+    k = torch.randn(B, L, H * D, generator=g).to(device).view(B, L, H, D).transpose(1, 2)
+    expected = torch.einsum("bhld,bhd->bhl", k.double(), q.double().mean(2))
+    _close(mean_query_logits(q, k, use_triton=False), expected, atol=1e-4, rtol=1e-4)
+    _close(mean_query_logits(q, k, use_triton=True), expected, atol=1e-4, rtol=1e-4)
+    kb = k.to(torch.bfloat16)
+    _close(mean_query_logits(q, kb, use_triton=True), mean_query_logits(q, kb.float(), use_triton=False),
+           atol=1e-3, rtol=1e-3)
 
 
 def test_text_tokens_are_never_heavy(device):
