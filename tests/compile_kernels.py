@@ -19,7 +19,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from psa_kernels import estimate, heavy, levels, pyramid  # noqa: E402
+from psa_kernels import estimate, levels, pyramid  # noqa: E402
+from psa_kernels import heavy as heavy_mod  # noqa: E402
 from psa_kernels.pyramid import kernel_launch_config  # noqa: E402
 
 # compute capability -> the most shared memory one program may use there (the CUDA programming
@@ -95,8 +96,8 @@ def variants(arch: int = 90):
                dict(H=12, D=128, CH=pyramid.BUILD_CHUNK, WITH_SIM=with_sim, WITH_PYRAMID=with_pyramid,
                     HAS_PERM=True),
                {"num_warps": pyramid.BUILD_WARPS})
-    yield ("mean-query logits", heavy._mean_query_logit_kernel, {"K": "bf16", "Qbar": "fp32", "Out": "fp32"}, (),
-           dict(H=12, D=128, CH=heavy.LOGIT_ROWS), {"num_warps": 4})
+    yield ("mean-query logits", heavy_mod._mean_query_logit_kernel, {"K": "bf16", "Qbar": "fp32", "Out": "fp32"}, (),
+           dict(H=12, D=128, CH=heavy_mod.LOGIT_ROWS), {"num_warps": 4})
     for n, nkb in ((32, 1024), (128, 256)):  # packed levels; level-1 blocks split over two tiles
         pt = {p: pyramid.level_split(n, p, 64, True)[0] for p in (1, 2, 4, 8)}
         sp = {p: pyramid.level_split(n, p, 64, True)[1] for p in (1, 2, 4, 8)}
