@@ -119,7 +119,7 @@ NODES_JS = """() => window.app.graph._nodes.map(n => ({
 def test_workflows_render_psa_nodes_and_the_ui_helps(browser, server, lang):
     page, errors = _page(browser, server, lang)
     toast = page.locator(".p-toast-message")
-    toast.first.wait_for(timeout=20_000)
+    toast.first.wait_for(timeout=60_000)
     text = toast.first.inner_text()
     assert ("部分预设未能加载" if lang == "zh" else "some presets could not be loaded") in text, text
     assert "mask_mode" in text
@@ -169,9 +169,11 @@ def test_workflows_render_psa_nodes_and_the_ui_helps(browser, server, lang):
 
 WIDGET_AT_JS = """([type, name]) => { const c = window.app.canvas, ds = c.ds, LG = window.LiteGraph;
     const node = window.app.graph._nodes.find(n => n.type === type);
+    const w = node.widgets.find(w => w.name === name);
     ds.scale = 1; ds.offset = [300 - node.pos[0], 300 - node.pos[1]];
     c.setDirty(true, true); c.draw(true, true);  // drawn now: the widgets know their y
-    const w = node.widgets.find(w => w.name === name);
+    ds.offset = [300 - node.pos[0], 400 - node.pos[1] - w.y];  // the widget in the middle of the view
+    c.setDirty(true, true); c.draw(true, true);
     const [x, y] = ds.convertOffsetToCanvas([node.pos[0] + node.size[0] / 2,
                                              node.pos[1] + w.y + (w.computedHeight || LG.NODE_WIDGET_HEIGHT) / 2]);
     const rect = c.canvas.getBoundingClientRect();
