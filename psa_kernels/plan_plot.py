@@ -231,8 +231,8 @@ def _ticks(set_ticks, set_labels, labels) -> None:
 def plan_figure(panels: list[LevelMap], density: np.ndarray | None = None, step_labels=None,
                 block_labels=None, title: str = "", dpi: int = 100, language: str = "en"):
     """The picture as a drawn matplotlib Figure (see :func:`render_plan`)."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
     from matplotlib.text import Text
 
     language = picture_language(language)

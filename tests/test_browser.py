@@ -41,7 +41,7 @@ def _skip(reason: str):
 @pytest.fixture(scope="module")
 def browser():
     try:
-        from playwright.sync_api import sync_playwright
+        from playwright.sync_api import Error as PlaywrightError, sync_playwright
     except ImportError:
         _skip("playwright is not installed: the browser tests did NOT run "
               "(PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 pip install playwright)")
@@ -50,7 +50,7 @@ def browser():
     with sync_playwright() as pw:
         try:
             b = pw.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS, headless=True, timeout=120_000)
-        except Exception as e:  # playwright's Error: a browser that does not start on this machine
+        except PlaywrightError as e:  # a browser that does not start on this machine
             _skip(f"{CHROMIUM} did not start: the browser tests did NOT run ({str(e).splitlines()[0]})")
         yield b
         b.close()

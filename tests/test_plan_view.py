@@ -112,8 +112,8 @@ def test_chinese_picture_text_in_a_cjk_font_without_missing_glyphs():
                     "picture is not drawn here")
     import warnings
 
-    from matplotlib.figure import Figure
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
