@@ -236,10 +236,6 @@ def build_pyramid_triton(k: torch.Tensor, v: torch.Tensor | None, n: int, L: int
         H=H, D=D, CH=chunk, WITH_SIM=with_similarity, WITH_PYRAMID=with_pyramid, HAS_PERM=perm is not None,
         num_warps=num_warps)
     base = {1: 0, 2: rows1, 4: rows1 + rows1 // 2, 8: rows1 + rows1 // 2 + rows1 // 4}
-    tail_bias = None
-    if with_pyramid and tail:
-        base[0] = rows1 * 15 // 8
-        tail_bias = _tail_from_level8(kp, vp, bias, base[8], base[0], nkb, n, k, v, heavy)
     sim = None
     if with_similarity:
         per_block = n // chunk
@@ -247,31 +243,65 @@ def build_pyramid_triton(k: torch.Tensor, v: torch.Tensor | None, n: int, L: int
                / sim_cnt.view(B, H, nkb, per_block, 3).sum(3).clamp_min(1.0))
     if not with_pyramid:
         return None, sim
-    return _with_heavy(Pyramid(kp, vp, bias, base, n, L, tail_bias), k, v, heavy), sim
+    pyr = _with_heavy(Pyramid(kp, vp, bias, base, n, L), k, v, heavy)
+    if tail:
+        base[0] = rows1 * 15 // 8
+        _fill_tail(pyr, nkb)
+    return pyr, sim
 
 
-def _tail_from_level8(kp: torch.Tensor, vp: torch.Tensor, bias: torch.Tensor, base8: int, base0: int,
-                      nkb: int, n: int, k: torch.Tensor, v: torch.Tensor,
-                      heavy: HeavyKeys | None) -> torch.Tensor | None:
-    """Fill the tail rows from the level-8 rows: a block's mean is the count-weighted mean of
-    its pooled-by-8 rows (they read 1/8 of the keys and values again, not all of them). With
-    ``heavy`` (index into k, v) the heavy keys are taken out of their blocks' sums first, and the
-    per (batch, head) tail bias is returned."""
+@triton.jit
+def _tail_rows_kernel(KP, VP, Bias, HSum, HCnt, TailBias, base8, base0, spb, sph, spl,
+                      H: tl.constexpr, D: tl.constexpr, G: tl.constexpr, HEAVY: tl.constexpr):
+    # One program: the tail row of one key block of one (batch, head), the count-weighted mean of
+    # the block's G pooled-by-8 rows (1/8 of its keys and values read again, in one pass); with
+    # HEAVY the heavy keys' sums and count are taken out first and the ln count is stored per head.
+    j = tl.program_id(0)
+    bh = tl.program_id(1)
+    nkb = tl.num_programs(0)
+    g = tl.arange(0, G)
+    dd = tl.arange(0, D)
+    rows = base8 + j * G + g
+    cnt8 = tl.exp(tl.load(Bias + rows))  # real keys per pooled row; padding rows (-inf) give 0
+    kp = KP + (bh // H) * spb + (bh % H) * sph
+    vp = VP + (bh // H) * spb + (bh % H) * sph
+    ksum = tl.sum(tl.load(kp + rows[:, None] * spl + dd[None, :]).to(tl.float32) * cnt8[:, None], 0)
+    vsum = tl.sum(tl.load(vp + rows[:, None] * spl + dd[None, :]).to(tl.float32) * cnt8[:, None], 0)
+    cnt = tl.sum(cnt8, 0)
+    if HEAVY:
+        at = bh * nkb + j
+        ksum -= tl.load(HSum + (2 * at) * D + dd)
+        vsum -= tl.load(HSum + (2 * at + 1) * D + dd)
+        cnt -= tl.load(HCnt + at)
+        tl.store(TailBias + at, tl.where(cnt > 0.5, tl.log(tl.maximum(cnt, 1.0)), float("-inf")))
+    inv = 1.0 / tl.maximum(cnt, 1.0)
+    tl.store(kp + (base0 + j) * spl + dd, (ksum * inv).to(KP.dtype.element_ty))
+    tl.store(vp + (base0 + j) * spl + dd, (vsum * inv).to(VP.dtype.element_ty))
+
+
+def _fill_tail(pyr: Pyramid, nkb: int) -> None:
+    """Fill the tail rows (``pyr.base[0]``) from the level-8 rows with :func:`_tail_rows_kernel`.
+    With heavy keys, their sums per key block are scattered first (K rows a head) and the tail
+    bias becomes per (batch, head)."""
+    kp, vp, bias, n = pyr.k, pyr.v, pyr.bias, pyr.n
     B, H, _, D = kp.shape
+    base8, base0 = pyr.base[8], pyr.base[0]
     g = n // 8
-    cnt8 = bias[base8:base8 + nkb * g].exp().view(nkb, g)  # real keys per pooled row (0 for padding)
-    cnt = cnt8.sum(1)
-    bias[base0:base0 + nkb] = cnt.log()
-    sums = [(x[:, :, base8:base8 + nkb * g].float().view(B, H, nkb, g, D) * cnt8[None, None, :, :, None]).sum(3)
-            for x in (kp, vp)]
-    if heavy is None:
-        for x, s in zip((kp, vp), sums):
-            x[:, :, base0:base0 + nkb] = (s / cnt[:, None]).to(x.dtype)
-        return None
-    km, vm, tail_bias = tail_without_heavy(sums[0], sums[1], cnt, k, v, heavy)
-    kp[:, :, base0:base0 + nkb] = km.to(kp.dtype)
-    vp[:, :, base0:base0 + nkb] = vm.to(vp.dtype)
-    return tail_bias
+    bias[base0:base0 + nkb] = bias[base8:base8 + nkb * g].exp().view(nkb, g).sum(1).log()
+    hsum = hcnt = tail_bias = bias
+    if pyr.has_heavy:
+        blk = pyr.heavy_block.long()                                   # [B, H, rows], -1 padding
+        real = blk >= 0
+        at = blk.clamp_min(0)
+        hsum = torch.zeros((B, H, nkb, 2, D), device=kp.device, dtype=torch.float32)
+        both = torch.stack([pyr.heavy_k, pyr.heavy_v], 3).float() * real[..., None, None]  # padding rows are 0
+        hsum.scatter_add_(2, at[..., None, None].expand_as(both), both)
+        hcnt = torch.zeros((B, H, nkb), device=kp.device, dtype=torch.float32).scatter_add_(2, at, real.float())
+        tail_bias = torch.empty((B, H, nkb), device=kp.device, dtype=torch.float32)
+        pyr.tail_bias = tail_bias
+    _tail_rows_kernel[(nkb, B * H)](kp, vp, bias, hsum, hcnt, tail_bias, base8, base0,
+                                    kp.stride(0), kp.stride(1), kp.stride(2), H=H, D=D, G=g,
+                                    HEAVY=pyr.has_heavy, num_warps=1 if D <= 64 else 2)
 
 
 def attention_reference(q: torch.Tensor, pyr: Pyramid, levels: torch.Tensor, m: int,

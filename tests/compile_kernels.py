@@ -96,6 +96,10 @@ def variants(arch: int = 90):
                dict(H=12, D=128, CH=pyramid.BUILD_CHUNK, WITH_SIM=with_sim, WITH_PYRAMID=with_pyramid,
                     HAS_PERM=True),
                {"num_warps": pyramid.BUILD_WARPS})
+    for heavy_keys in (False, True):
+        yield (f"tail rows heavy={heavy_keys}", pyramid._tail_rows_kernel,
+               {"KP": "bf16", "VP": "bf16", "Bias": "fp32", "HSum": "fp32", "HCnt": "fp32", "TailBias": "fp32"}, (),
+               dict(H=12, D=128, G=8, HEAVY=heavy_keys), {"num_warps": 2})
     yield ("mean-query logits", heavy_mod._mean_query_logit_kernel, {"K": "bf16", "Qbar": "fp32", "Out": "fp32"}, (),
            dict(H=12, D=128, CH=heavy_mod.LOGIT_ROWS), {"num_warps": 4})
     for n, nkb in ((32, 1024), (128, 256)):  # packed levels; level-1 blocks split over two tiles
