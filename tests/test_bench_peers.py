@@ -261,8 +261,8 @@ def test_psa_presets_parse_pair_with_their_tail_twins_and_hit_their_densities():
     for n in heavy:
         base, count = n.rsplit("_h", 1)
         assert presets[base]["use_pooled_tail"] and presets[n] == {**presets[base], "heavy_keys": int(count)}
-    assert len(heavy) == len(bp.HEAVY_COUNTS) * sum(bool(p.get("use_pooled_tail")) for n, p in presets.items()
-                                                    if n not in heavy)
+    assert len(heavy) == len(bp.HEAVY_COUNTS) * sum(bool(p.get("use_pooled_tail")) and not p.get("heavy_keys")
+                                                    for n, p in presets.items() if n not in heavy)
     names = names[:-len(heavy)]
     tail_only = [n for n in names if n.startswith("tail64_")]  # the tail-only sweeps come next
     assert names[-len(tail_only):] == tail_only
