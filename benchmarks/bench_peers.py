@@ -37,6 +37,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -726,6 +727,53 @@ def probe_sol(sol: tuple, device, dtype) -> tuple:
     return fn, f"{label} (probe, every block routed, against dense: relative L2 {err:.1e})"
 
 
+_CASE_RE = re.compile(r"^== (\S+) (\S+): .*top-10% block share ([\d.]+) \(target ([\d.]+)\)")
+_DENSE_RE = re.compile(r"^   (cuDNN SDPA|flash SDPA|SDPA[^:]*): ([\d.]+) ms, error ([\d.]+)")
+_ROW_RE = re.compile(r"^   (PSA|Sol-Attn|sol-standin)\s+(.+?)\s+([\d.]+) ms\s+([\d.]+)x error ([\d.]+)"
+                     r"(?: (density|routed) ([\d.]+))?\s*$")
+_SOL_RE = re.compile(r"^(?:tau ([\d.]+)|topk ([\d.]+)) extra (\d+)$")
+
+
+def result_from_logs(texts: list[str], presets: dict) -> dict:
+    """Rebuild the result of runs cut short from their printed logs (rows as ``format_row`` prints
+    them). A (shape, regime) case comes from the first log that has it complete (a PSA row at
+    least); ``presets`` (name -> YAML form) gives each PSA row its tail flag."""
+    cases = {}
+    for text in texts:
+        found, case = [], None
+        for line in text.splitlines():
+            if m := _CASE_RE.match(line):
+                shape, regime = m.group(1), m.group(2)
+                grid, heads = SHAPES[shape]
+                case = {"shape": shape, "grid": list(grid), "heads": heads, "regime": regime, "rows": [],
+                        "inputs": {"top10_share": float(m.group(3)), "target_top10_share": float(m.group(4))}}
+                found.append(case)
+            elif case is not None and (m := _DENSE_RE.match(line)):
+                case["dense"] = {"method": m.group(1), "ms": float(m.group(2)), "error": float(m.group(3))}
+            elif case is not None and (m := _ROW_RE.match(line)):
+                method, setting = m.group(1), m.group(2)
+                row = {"method": method, "setting": setting, "ms": float(m.group(3)), "speedup": float(m.group(4)),
+                       "error": float(m.group(5))}
+                if method == "PSA":
+                    row["density"] = float(m.group(7)) if m.group(6) == "density" else None
+                    row["use_pooled_tail"] = bool(presets.get(setting, {}).get("use_pooled_tail"))
+                else:
+                    sm = _SOL_RE.match(setting)
+                    tau, ratio, extra = (float(sm.group(1) or 1.3), float(sm.group(2) or 0.0), int(sm.group(3))) \
+                        if sm else (1.3, 0.0, 0)
+                    row.update(tau=tau, topk_ratio=ratio, extra_tokens=extra,
+                               routed_share=float(m.group(7)) if m.group(6) == "routed" else None,
+                               sol_default=SolSetting(tau, ratio, extra).is_default)
+                case["rows"].append(row)
+        for c in found:
+            key = (c["shape"], c["regime"])
+            if key not in cases and "dense" in c and any(r["method"] == "PSA" for r in c["rows"]):
+                cases[key] = c
+    for c in cases.values():
+        summarize(c)
+    return {"cases": list(cases.values())}
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", nargs="+", default=None, choices=list(SHAPES),
@@ -741,6 +789,11 @@ def parse_args(argv=None):
     ap.add_argument("--no-sol", action="store_true", help="PSA and cuDNN only")
     ap.add_argument("--mass-rows", type=int, default=256, help="query rows sampled for the block-mass share")
     ap.add_argument("--rep-ms", type=float, default=None, help="timing window per call (default: by shape)")
+    ap.add_argument("--from-log", type=Path, nargs="+", default=None, metavar="LOG",
+                    help="no run: rebuild the tables and plots from the logs of runs cut short (a case from "
+                         "the first log that has it whole); --when names the runs")
+    ap.add_argument("--device", default="", help="with --from-log: the GPU (default: the first log's first line)")
+    ap.add_argument("--when", default="", help="with --from-log: when the runs were made")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     args = ap.parse_args(argv)
     if args.shapes is None:
@@ -763,6 +816,19 @@ def select_presets(args) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.from_log:
+        texts = [p.read_text() for p in args.from_log]
+        result = result_from_logs(texts, psa_presets())
+        head = re.match(r"^(.+?); torch (\S+); Sol: (.*)$", texts[0].splitlines()[0] if texts[0] else "")
+        result.update(device=args.device or (head.group(1) if head else "unknown GPU"),
+                      torch=head.group(2) if head else "unknown", sol=head.group(3) if head else "unknown",
+                      when=args.when or "see the logs", dry_run=False, from_logs=[str(p) for p in args.from_log])
+        args.out.mkdir(parents=True, exist_ok=True)
+        print_summary(result, print)
+        (args.out / "peers.json").write_text(json.dumps(result, indent=1, default=str))
+        (args.out / "peers.md").write_text(markdown(result))
+        plot(result, args.out)
+        return result
     t_start = time.time()
     if args.dry_run:
         device, dtype = torch.device("cpu"), torch.float32

@@ -401,3 +401,29 @@ def test_bench_wan_forward_help_lists_the_sol_options():
     out = subprocess.run([sys.executable, str(BENCH / "bench_wan_forward.py"), "--help"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and "--sol-tau" in out.stdout and "--sol-extra-tokens" in out.stdout
+
+
+def test_result_from_logs_rebuilds_cases_and_takes_each_from_the_first_log_that_has_it_whole():
+    shipped = bp.psa_presets()
+    name = next(n for n, p in shipped.items() if p.get("use_pooled_tail"))
+    rows = [{"method": "Sol-Attn", "setting": "tau 1.3 extra 256", "ms": 4.0, "speedup": 2.5, "error": 0.05,
+             "routed_share": 0.1},
+            {"method": "Sol-Attn", "setting": "topk 0.05 extra 0", "ms": 2.0, "speedup": 5.0, "error": 0.08,
+             "routed_share": 0.05},
+            {"method": "PSA", "setting": name, "ms": 2.5, "speedup": 4.0, "error": 0.04, "density": 0.1}]
+    whole = "\n".join(["== 480p mixed: heads; top-10% block share 0.600 (target 0.6), inputs 0.1 s",
+                       "   cuDNN SDPA: 10.000 ms, error 0.0017", *("   " + bp.format_row(r) for r in rows)])
+    cut = "\n".join(["== 480p mixed: heads; top-10% block share 0.610 (target 0.6), inputs 0.1 s",
+                     "   cuDNN SDPA: 11.000 ms, error 0.0017", "   " + bp.format_row(rows[0])])
+    result = bp.result_from_logs([cut, whole], shipped)   # the cut case has no PSA row: the whole one wins
+    (case,) = result["cases"]
+    assert case["dense"]["ms"] == 10.0 and case["inputs"]["top10_share"] == 0.6
+    sol_default, sol_topk, psa = case["rows"]
+    assert sol_default["sol_default"] and sol_default["tau"] == 1.3 and sol_default["extra_tokens"] == 256
+    assert sol_topk["topk_ratio"] == 0.05 and not sol_topk["sol_default"] and sol_topk["routed_share"] == 0.05
+    assert psa["use_pooled_tail"] and psa["density"] == 0.1
+    by_sol = {c["sol"]: c for c in case["vs_sol"]}
+    assert by_sol["tau 1.3 extra 256"]["psa"] == name and by_sol["tau 1.3 extra 256"]["ratio"] == pytest.approx(1.6)
+    assert by_sol["topk 0.05 extra 0"]["ratio"] == pytest.approx(0.8)
+    assert "## 480p mixed" in bp.markdown({**result, "device": "GPU", "when": "now", "torch": "t", "sol": "s",
+                                          "dry_run": False})
