@@ -84,7 +84,9 @@ def picture(model, blocks: str, head: int, language: str = ENGLISH) -> tuple[tor
     rgb = render_plan(panels, snap.density, title=title, language=lang)
     with np.errstate(all="ignore"):
         per_step = np.nanmean(snap.density, axis=1)
-    drawn = ", ".join(str(b) for b in (choose_blocks(blocks, snap) if snap.maps else [])) or "none"
-    summary = (f"level maps of blocks: {drawn}; mean density per step: "
-               + ", ".join(f"{d:.3f}" for d in per_step))
+    # the line under the picture: in the language asked for (the browser draws any script)
+    asked = LANGUAGES[language]
+    drawn = ", ".join(str(b) for b in (choose_blocks(blocks, snap) if snap.maps else []))
+    summary = plan_text(asked, "summary", blocks=drawn or plan_text(asked, "none"),
+                        densities=", ".join(f"{d:.3f}" for d in per_step))
     return torch.from_numpy(np.ascontiguousarray(rgb)).float().div(255.0).unsqueeze(0), summary

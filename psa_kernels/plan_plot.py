@@ -30,8 +30,8 @@ _SKIP_STYLE = ("skip", "#ffffff")
 LEVEL_ORDER = (1, 2, 4, 8, 0)
 
 LANGUAGES = ("en", "zh")
-# Every text of the picture, by language; the *_title, panel and note entries are the callers'
-# (PSA Plan View, the demo), kept here so that one table holds all of it.
+# Every text of the picture, by language; the *_title, panel, note and summary entries are the
+# callers' (PSA Plan View, the demo), kept here so that one table holds all of it.
 TEXTS = {
     "en": {
         "level_1": "1 full", "level_2": "2 pooled", "level_4": "4 pooled", "level_8": "8 pooled",
@@ -48,6 +48,7 @@ TEXTS = {
         "run_title": "PSA plan of the last sampler run: token grid {grid}, {steps} steps",
         "all_dense": " (every self-attention call ran dense: {reasons})",
         "demo_title": "{preset}: grid {grid}, mean density of all heads {density:.3f}",
+        "summary": "level maps of blocks: {blocks}; mean density per step: {densities}", "none": "none",
     },
     "zh": {
         "level_1": "1 全分辨率", "level_2": "2 池化", "level_4": "4 池化", "level_8": "8 池化",
@@ -64,6 +65,7 @@ TEXTS = {
         "run_title": "上一次采样的 PSA 计划：token 网格 {grid}，{steps} 步",
         "all_dense": "（所有自注意力调用均为全注意力：{reasons}）",
         "demo_title": "{preset}：网格 {grid}，所有注意力头的平均密度 {density:.3f}",
+        "summary": "层级图所示的块：{blocks}；每步的平均密度：{densities}", "none": "无",
     },
 }
 

@@ -277,7 +277,8 @@ def test_tiny_prompt_shows_the_level_map(browser, server, lang):
     page.wait_for_function("() => window.__psaDone", timeout=300_000)
     done = page.evaluate("() => window.__psaDone")
     assert "error" not in done, done.get("error", {}).get("exception_message", done)
-    assert done["output"]["text"][0].startswith("level maps of blocks: 0, 1; mean density per step: 1.000, 0.")
+    assert done["output"]["text"][0].startswith("层级图所示的块：0, 1；每步的平均密度：1.000, 0." if lang == "zh" else
+                                                "level maps of blocks: 0, 1; mean density per step: 1.000, 0.")
     images = done["output"]["images"]
     assert images and images[0]["type"] == "temp"
     picture = server.base / "temp" / images[0].get("subfolder", "") / images[0]["filename"]

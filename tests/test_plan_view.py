@@ -68,6 +68,9 @@ def test_plan_view_draws_an_image_and_says_what_is_missing():
     _run(rec)
     image, summary = plan_view.picture(_model(rec), "auto", 1)
     assert summary.startswith("level maps of blocks: 0, 1; mean density per step: 1.000, 0.")
+    _, summary_zh = plan_view.picture(_model(rec), "auto", 1, "中文")   # the line follows the node's language
+    assert summary_zh.startswith("层级图所示的块：0, 1；每步的平均密度：1.000, 0.")
+    assert summary_zh.split("：")[-1] == summary.split(": ")[-1]
     assert image.shape[0] == 1 and image.shape[-1] == 3 and image.shape[1] > 300 and image.shape[2] > 600
     assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0 and float(image.std()) > 0.05
     with pytest.raises(config.ConfigError, match=r"blocks: got '7'; allowed: 'auto', or up to 4 of the recorded blocks 0-1"):
