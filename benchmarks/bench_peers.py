@@ -302,7 +302,6 @@ def sol_standin(q, k, v, tau: float = 1.0, scale=None, sink_blocks=None, sink_q=
     if (sink_blocks and sink_blocks[1] > sink_blocks[0]) or (sink_q and sink_q[1] > sink_q[0]):
         raise ValueError("sol_standin: sink_blocks/sink_q are not modelled; allowed: [0, 0]")
     B, T, H, D = q.shape
-    n = -(-T // SOL_BLOCK)
     scale = D ** -0.5 if scale is None else scale
     exact, proxy, kc, kmean, lengths = sol_routing(q, k, tau, topk_ratio, scale)
     qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))         # [B, H, T, D]

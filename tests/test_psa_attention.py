@@ -40,6 +40,18 @@ def _pyramid_by_hand(q, k, v, levels, m, n, tail=False) -> torch.Tensor:
     the group); p = 0 gives nothing, or with ``tail`` the group of all the block's real keys.
     Softmax over the union.
     """
+    def groups(b, h, p, block):
+        if p == 0 and not tail:
+            return []
+        p = p or n
+        return [block[g:g + p] for g in range(0, len(block), p)]
+    return attention_over_groups(q, k, v, levels, m, n, groups)
+
+
+def attention_over_groups(q, k, v, levels, m, n, groups) -> torch.Tensor:
+    """Float64 attention in which a query of block i sees, for every key block j, the groups
+    ``groups(b, h, p, block)`` of key positions (p: the pair's level, block: j's real positions),
+    each as the mean of its keys and values with logit q.k/sqrt(D) + ln(group size)."""
     B, H, L, D = q.shape
     nqb, nkb = levels.shape[-2:]
     out = torch.empty(B, H, L, D, dtype=torch.float64)
@@ -50,16 +62,11 @@ def _pyramid_by_hand(q, k, v, levels, m, n, tail=False) -> torch.Tensor:
             for i in range(nqb):
                 keys, vals, bias = [], [], []
                 for j in range(nkb):
-                    p = int(levels[b, h, i, j])
-                    if p == 0 and not tail:
-                        continue
-                    p = p or n
-                    for g in range(n // p):
-                        idx = [t for t in range(j * n + g * p, j * n + (g + 1) * p) if t < L]
-                        if idx:
-                            keys.append(kd[b, h, idx].mean(0))
-                            vals.append(vd[b, h, idx].mean(0))
-                            bias.append(math.log(len(idx)))
+                    block = [t for t in range(j * n, (j + 1) * n) if t < L]
+                    for idx in groups(b, h, int(levels[b, h, i, j]), block):
+                        keys.append(kd[b, h, idx].mean(0))
+                        vals.append(vd[b, h, idx].mean(0))
+                        bias.append(math.log(len(idx)))
                 rows = slice(i * m, min(L, (i + 1) * m))
                 logits = qd[b, h, rows] @ torch.stack(keys).T / math.sqrt(D) + torch.tensor(bias, dtype=torch.float64)
                 out[b, h, rows] = logits.softmax(-1) @ torch.stack(vals)

@@ -2,8 +2,6 @@
 attends exactly, taken out of that block's tail mean. Torch reference and Triton kernel
 (interpreter on CPU) against the definition written out by hand; the public API against dense
 attention where nothing is skipped, and on sink heads, where the heavy keys are the point."""
-import math
-
 import pytest
 import torch
 
@@ -12,7 +10,8 @@ from psa_kernels import pyramid
 from psa_kernels.errors import ConfigError
 from psa_kernels.heavy import HeavyKeys, heavy_per_row, mean_query_logits, select_heavy_keys
 from psa_kernels.synthetic import relative_l2, structured_qkv, video_attention_qkv
-from test_psa_attention import HAND_LEVELS, KERNEL_TOL, _close, _random_levels
+from test_psa_tail import passes_match_one_pass
+from test_psa_attention import HAND_LEVELS, KERNEL_TOL, _close, _random_levels, attention_over_groups
 
 
 def _by_hand(q, k, v, levels, m, n, heavy_sets, tail=True) -> torch.Tensor:
@@ -20,33 +19,13 @@ def _by_hand(q, k, v, levels, m, n, heavy_sets, tail=True) -> torch.Tensor:
     groups of p consecutive real keys (mean key and value, logit bias ln of the group's keys);
     at level 0 each of its heavy keys on its own and, with ``tail``, the mean of its other real
     keys (bias ln of their number) when there are any. heavy_sets[b][h]: arranged positions."""
-    B, H, L, D = q.shape
-    nqb, nkb = levels.shape[-2:]
-    out = torch.empty(B, H, L, D, dtype=torch.float64)
-    qd, kd, vd, levels = q.cpu().double(), k.cpu().double(), v.cpu().double(), levels.cpu()
-    for b in range(B):
-        for h in range(H):
-            heavy = set(heavy_sets[b][h])
-            for i in range(nqb):
-                keys, vals, bias = [], [], []
-                for j in range(nkb):
-                    p = int(levels[b, h, i, j])
-                    block = [t for t in range(j * n, (j + 1) * n) if t < L]
-                    if p:
-                        groups = [block[g:g + p] for g in range(0, len(block), p)]
-                    else:
-                        groups = [[t] for t in block if t in heavy]
-                        rest = [t for t in block if t not in heavy]
-                        if tail and rest:
-                            groups.append(rest)
-                    for idx in groups:
-                        keys.append(kd[b, h, idx].mean(0))
-                        vals.append(vd[b, h, idx].mean(0))
-                        bias.append(math.log(len(idx)))
-                rows = slice(i * m, min(L, (i + 1) * m))
-                logits = qd[b, h, rows] @ torch.stack(keys).T / math.sqrt(D) + torch.tensor(bias, dtype=torch.float64)
-                out[b, h, rows] = logits.softmax(-1) @ torch.stack(vals)
-    return out
+    def groups(b, h, p, block):
+        if p:
+            return [block[g:g + p] for g in range(0, len(block), p)]
+        heavy = set(heavy_sets[b][h])
+        rest = [t for t in block if t not in heavy]
+        return [[t] for t in block if t in heavy] + ([rest] if tail and rest else [])
+    return attention_over_groups(q, k, v, levels, m, n, groups)
 
 
 def _heavy(index: torch.Tensor, n: int) -> HeavyKeys:
@@ -181,13 +160,4 @@ def test_heavy_keys_round_trip():
 
 
 def test_heavy_in_head_passes_matches_one_pass(device):
-    if device.type != "cuda":
-        pytest.skip("heads in passes only differ from one pass on the Triton path (CUDA)")
-    grid = (3, 16, 16)
-    cfg = PSAConfig.from_dict({"block_size": {"m": 64, "n": 64, "tile_n": 32}, "mask_mode": "topk",
-                               "mask_ratios": {1: [0.0, 0.1], 4: [0.1, 0.3], 0: [0.3, 1.0]},
-                               "use_pooled_tail": True, "heavy_keys": 100})
-    q, k, v = structured_qkv(grid, heads=4, head_dim=64, dtype=torch.bfloat16, device=device, seed=2)
-    one = psa_attention(q, k, v, cfg, grid)
-    passes = psa_attention(q, k, v, cfg, grid, heads_per_pass=1)
-    _close(passes, one, atol=1e-2, rtol=1e-2)
+    passes_match_one_pass({"heavy_keys": 100}, device)

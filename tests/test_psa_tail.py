@@ -101,12 +101,17 @@ def test_tail_lowers_error_on_broad_attention_and_costs_one_nth(backend, device)
 
 
 def test_tail_in_head_passes_matches_one_pass(device):
+    passes_match_one_pass({}, device)
+
+
+def passes_match_one_pass(extra: dict, device):
+    """A tail preset (plus ``extra`` fields) run one head per pass gives the one-pass output."""
     if device.type != "cuda":
         pytest.skip("heads in passes only differ from one pass on the Triton path (CUDA)")
     grid = (3, 16, 16)
     cfg = PSAConfig.from_dict({"block_size": {"m": 64, "n": 64, "tile_n": 32}, "mask_mode": "topk",
                                "mask_ratios": {1: [0.0, 0.1], 4: [0.1, 0.3], 0: [0.3, 1.0]},
-                               "use_pooled_tail": True})
+                               "use_pooled_tail": True, **extra})
     q, k, v = structured_qkv(grid, heads=4, head_dim=64, dtype=torch.bfloat16, device=device, seed=2)
     one = psa_attention(q, k, v, cfg, grid)
     passes = psa_attention(q, k, v, cfg, grid, heads_per_pass=1)
