@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from ..psa_kernels import psa_attention, psa_plan
-from ..psa_kernels.levels import density as levels_density
 
 MAX_MAP_SIDE = 256  # level maps are kept with at most this many query and key blocks (every k-th)
 
@@ -84,7 +83,7 @@ class PlanRecorder:
         out = psa_attention(q, k, v, cfg, grid, plan=plan)
         lv = plan.levels[0]
         self.tail_n = plan.tail_n
-        self._density[(i, block)] = levels_density(lv, plan.tail_n).mean()
+        self._density[(i, block)] = plan.stats().density  # as the verbose log counts it (heavy keys too)
         sq, sk = (max(1, math.ceil(s / MAX_MAP_SIDE)) for s in lv.shape[-2:])
         self._maps[block] = RecordedMap(i, lv[:, ::sq, ::sk].clone(), (sq, sk))
         self.grid = tuple(grid)
