@@ -83,7 +83,8 @@ class PlanRecorder:
         out = psa_attention(q, k, v, cfg, grid, plan=plan)
         lv = plan.levels[0]
         self.tail_n = plan.tail_n
-        self._density[(i, block)] = plan.stats().density  # as the verbose log counts it (heavy keys too)
+        # as the verbose log counts it (heavy keys too), left on the device until the snapshot
+        self._density[(i, block)] = plan.density()[0].mean()
         sq, sk = (max(1, math.ceil(s / MAX_MAP_SIDE)) for s in lv.shape[-2:])
         self._maps[block] = RecordedMap(i, lv[:, ::sq, ::sk].clone(), (sq, sk))
         self.grid = tuple(grid)

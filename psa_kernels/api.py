@@ -42,8 +42,16 @@ class PSAPlan:
     heavy: HeavyKeys | None = None    # heavy keys per head (``heavy_keys``)
     key_block: int = 0                # key block size n
 
+    def density(self) -> torch.Tensor:
+        """[B, H] density (PSAStats' definition), on the plan's device: no host synchronisation."""
+        dens = levels_mod.density(self.levels, self.tail_n)
+        if self.heavy is not None and self.key_block:
+            per_row = heavy_per_row(self.levels, self.heavy).float().mean(-1)
+            dens = dens + per_row / (self.key_block * self.levels.shape[-1])
+        return dens
+
     def stats(self) -> PSAStats:
-        return _stats(self.levels, self.tail_n, self.heavy, self.key_block)
+        return _stats(self.levels, self.density())
 
     def heads(self, sl: slice) -> "PSAPlan":
         """This plan for a slice of the heads (the pyramid is left out)."""
@@ -51,10 +59,7 @@ class PSAPlan:
                                    heavy=self.heavy.heads(sl) if self.heavy is not None else None)
 
 
-def _stats(levels: torch.Tensor, tail_n: int = 0, heavy: HeavyKeys | None = None, n: int = 0) -> PSAStats:
-    dens = levels_mod.density(levels, tail_n)  # [B, H]
-    if heavy is not None and n:
-        dens = dens + heavy_per_row(levels, heavy).float().mean(-1) / (n * levels.shape[-1])
+def _stats(levels: torch.Tensor, dens: torch.Tensor) -> PSAStats:
     counts = torch.bincount(levels.flatten().long(), minlength=9)
     return PSAStats(density=float(dens.mean()), density_per_head=dens.mean(0).cpu(),
                     level_counts={lvl: int(counts[lvl]) for lvl in (1, 2, 4, 8, 0)})
