@@ -263,8 +263,7 @@ def _attend(q, k, v, cfg: PSAConfig, plan: PSAPlan, out: torch.Tensor | None = N
             pyr, _ = pyramid.build_pyramid_triton(_unit_stride(k), _unit_stride(v), n, L, perm=plan.perm,
                                                   tail=cfg.use_pooled_tail, heavy=plan.heavy)
         sched = pyramid.build_schedule(plan.levels, pyr, packed=cfg.attn_impl == "new_mask_type")
-        return pyramid.attention_triton(_unit_stride(q), pyr, sched, m, out=out, perm=plan.perm,
-                                        levels=plan.levels)
+        return pyramid.attention_triton(_unit_stride(q), pyr, sched, m, out=out, perm=plan.perm)
     heavy = plan.heavy
     if heavy is not None and plan.inv is not None:  # the reference pyramid is built in the arranged order
         heavy = HeavyKeys(plan.inv[heavy.index], heavy.block)

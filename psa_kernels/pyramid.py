@@ -356,6 +356,10 @@ class Schedule:
     tile_n: int                # pyramid rows per tile
     packed: bool               # several segments per tile (new_mask_type)
     folded: bool = True        # a packed level's partly filled last tile is a regular one
+    # per row, the logit bias (log2 units; float16 under 16-bit keys) of each tail row: log2 of its real keys
+    # where the row skips the key block, -inf where it does not, -inf past the last block
+    tail_bias: torch.Tensor | None = None    # [B, H, nqb, whole tiles of key blocks]
+    heavy_bias: torch.Tensor | None = None   # [B, H, nqb, heavy rows]: 0 where the key counts, else -inf
 
     @property
     def num_tiles(self) -> torch.Tensor:
@@ -546,7 +550,62 @@ def build_schedule(levels: torch.Tensor, pyr: Pyramid, packed: bool, tile_n: int
         SP1=split[1], SP2=split[2], SP4=split[4], SP8=split[8],
         AM1=always_masked[1], AM2=always_masked[2], AM4=always_masked[4], AM8=always_masked[8],
         FOLD=fold, TCH=SCHEDULE_CHUNK, num_warps=num_warps or (1 if nkb <= 512 else 4))
-    return Schedule(tile_level, tile_seg, counts, segs, tn, packed, fold)
+    tail_bias, heavy_bias = _column_biases(lv, pyr, (B, H, nqb, nkb))
+    return Schedule(tile_level, tile_seg, counts, segs, tn, packed, fold, tail_bias, heavy_bias)
+
+
+@triton.jit
+def _column_bias_kernel(Levels, TailLn, HBlock, TailOut, HeavyOut, nkb, nqb, s_lv, s_tln, s_hb, tail_cols,
+                        heavy_rows, TAIL: tl.constexpr, HEAVY: tl.constexpr, CH: tl.constexpr):
+    # One program: one (batch, head, query block) row of the level map. The attention kernel then
+    # reads one bias vector per tail or heavy tile instead of the level map and the counts
+    # (two loads and a gather a tile: benchmarks/NOTES.md, change 35).
+    row = tl.program_id(0)
+    bh = row // nqb
+    lv_row = Levels + row * s_lv
+    c = tl.arange(0, CH)
+    if TAIL:
+        for c0 in range(0, tail_cols, CH):
+            kb = c0 + c
+            inside = kb < nkb
+            skipped = (tl.load(lv_row + kb, mask=inside, other=1) == 0) & inside
+            ln = tl.load(TailLn + bh * s_tln + kb, mask=skipped, other=0.0)
+            tl.store(TailOut + row * tail_cols + kb, tl.where(skipped, ln * 1.4426950408889634, float("-inf"))
+                     .to(TailOut.dtype.element_ty))
+    if HEAVY:
+        for c0 in range(0, heavy_rows, CH):
+            i = c0 + c
+            blk = tl.load(HBlock + bh * s_hb + i)
+            real = blk >= 0
+            skipped = (tl.load(lv_row + tl.maximum(blk, 0), mask=real, other=1) == 0) & real
+            tl.store(HeavyOut + row * heavy_rows + i, tl.where(skipped, 0.0, float("-inf")).to(HeavyOut.dtype.element_ty))
+
+
+def _column_biases(lv: torch.Tensor, pyr: Pyramid, shape) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The schedule's per-row tail and heavy-key biases (see :class:`Schedule`) for the level map
+    ``lv`` ([B*H*nqb, nkb], unit stride along key blocks)."""
+    B, H, nqb, nkb = shape
+    if not (pyr.has_tail or pyr.has_heavy):
+        return None, None
+    dev = lv.device
+    tail_cols = -(-nkb // TILE_WIDTH) * TILE_WIDTH if pyr.has_tail else 0
+    heavy_rows = pyr.heavy_block.shape[-1] if pyr.has_heavy else 0
+    # float16 under 16-bit keys (its rounding of log2 count, 2**-11, is below theirs), else float32
+    dt = torch.float32 if pyr.k.dtype == torch.float32 else torch.float16
+    tail = torch.empty((B, H, nqb, tail_cols), device=dev, dtype=dt) if pyr.has_tail else None
+    heavy = torch.empty((B, H, nqb, heavy_rows), device=dev, dtype=dt) if pyr.has_heavy else None
+    if pyr.has_tail and pyr.tail_bias is not None:  # per (batch, head): heavy keys left some blocks
+        tln, s_tln = pyr.tail_bias.reshape(B * H, nkb).contiguous(), nkb
+    elif pyr.has_tail:  # one ln count per key block for all heads
+        tln, s_tln = pyr.bias[pyr.base[0]:pyr.base[0] + nkb], 0
+    else:
+        tln, s_tln = lv, 0
+    hb = pyr.heavy_block.reshape(B * H, heavy_rows).contiguous() if pyr.has_heavy else lv
+    _column_bias_kernel[(B * H * nqb,)](
+        lv, tln, hb, tail if tail is not None else lv, heavy if heavy is not None else lv, nkb, nqb, lv.stride(0),
+        s_tln, heavy_rows, tail_cols, heavy_rows, TAIL=pyr.has_tail, HEAVY=pyr.has_heavy, CH=TILE_WIDTH,
+        num_warps=1)
+    return tail, heavy
 
 
 # ------------------------------------------------------------------------- kernel
@@ -623,32 +682,28 @@ def _attend_logits(x, v, m_i, l_i, acc):
 
 
 @triton.jit
-def _tail_step(q, kbase, vbase, tbias, lv_row, tail_base, nkb, t, r, skl, svl, dd, scale, m_i, l_i, acc,
+def _tail_step(q, kbase, vbase, tb_row, tail_base, nkb, t, r, skl, svl, dd, scale, m_i, l_i, acc,
                TILE_N: tl.constexpr):
-    """TILE_N block means of the tail; only blocks at level 0 in this query block's row count.
-    ``tbias``: the tail rows' ln-count bias of this (batch, head)."""
+    """TILE_N block means of the tail; ``tb_row``: this row's float16 bias per block (log2 of its
+    real keys where the row skips the block, -inf elsewhere: :func:`_column_bias_kernel`)."""
     kb = t * TILE_N + r
     inside = kb < nkb
-    skipped = tl.load(lv_row + kb, mask=inside, other=1) == 0
     prow = tail_base + kb
     k = tl.load(kbase + prow[:, None] * skl + dd[None, :], mask=inside[:, None], other=0.0)
     v = tl.load(vbase + prow[:, None] * svl + dd[None, :], mask=inside[:, None], other=0.0)
-    colb = tl.where(skipped, tl.load(tbias + kb, mask=inside, other=0.0) * 1.4426950408889634, float("-inf"))
+    colb = tl.load(tb_row + kb).to(tl.float32)
     s = tl.dot(q, tl.trans(k))
     return _attend_logits(s * scale + colb[None, :], v, m_i, l_i, acc)
 
 
 @triton.jit
-def _heavy_step(q, hk, hv, hb, lv_row, t, r, shl, dd, scale, m_i, l_i, acc, TILE_N: tl.constexpr):
-    """TILE_N heavy keys (padding rows have block -1); a key counts where its block is at level 0
-    in this query block's row."""
+def _heavy_step(q, hk, hv, hb_row, t, r, shl, dd, scale, m_i, l_i, acc, TILE_N: tl.constexpr):
+    """TILE_N heavy keys; ``hb_row``: this row's float16 bias per heavy key (0 where its block is
+    skipped by this row, -inf elsewhere and for padding rows)."""
     hrow = t * TILE_N + r
-    blk = tl.load(hb + hrow)
-    real = blk >= 0
-    skipped = tl.load(lv_row + blk, mask=real, other=1) == 0
     k = tl.load(hk + hrow[:, None] * shl + dd[None, :])
     v = tl.load(hv + hrow[:, None] * shl + dd[None, :])
-    colb = tl.where(skipped, 0.0, float("-inf"))
+    colb = tl.load(hb_row + hrow).to(tl.float32)
     s = tl.dot(q, tl.trans(k))
     return _attend_logits(s * scale + colb[None, :], v, m_i, l_i, acc)
 
@@ -689,11 +744,11 @@ def _regular_loop(q, kbase, vbase, seg_row, seg_first, ntiles, blocks, r, skl, s
 
 
 @triton.jit
-def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, Counts, Segs, Perm, Levels,
-                         TailBias, HK, HV, HB,
+def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, Counts, Segs, Perm,
+                         TailBias, HK, HV, HBias,
                          L, sm_scale_log2, tail_base, nkb, heavy_rows,
                          sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
-                         s_tl, s_seg, s_lvb, s_lvh, s_lvq, s_tbb, s_tbh, s_hkb, s_hkh, s_hkl, s_hbb, s_hbh,
+                         s_tl, s_seg, s_tb, s_hkb, s_hkh, s_hkl,
                          H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                          N: tl.constexpr, TILE_N: tl.constexpr, PACKED: tl.constexpr,
                          HAS_PERM: tl.constexpr, LOOP_STAGES: tl.constexpr, FOLD: tl.constexpr,
@@ -739,20 +794,19 @@ def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, Counts, Segs,
     for t in range(s_tl - tl.load(rec + 4), s_tl):
         m_i, l_i, acc = _masked_step(q, kbase, vbase, Bias, TileLevel + tiles + t, TileSeg + tiles + t, seg_row,
                                      r, skl, svl, dd, scale, m_i, l_i, acc, N, TILE_N, PACKED)
-    lv_row = Levels + b * s_lvb + h * s_lvh + qb * s_lvq
-    if TAIL:  # the means of the skipped blocks, straight from the level map
-        tbias = TailBias + b * s_tbb + h * s_tbh
+    if TAIL:  # the means of the skipped blocks, their biases from the schedule
+        tb_row = TailBias + row * s_tb
         # two stages: three would add this loop's buffers to the program's shared memory and
         # leave room for one program per multiprocessor instead of two (NOTES.md, change 30)
         for t in tl.range(0, tl.cdiv(nkb, TILE_N), num_stages=2):
-            m_i, l_i, acc = _tail_step(q, kbase, vbase, tbias, lv_row, tail_base, nkb, t, r, skl, svl, dd,
+            m_i, l_i, acc = _tail_step(q, kbase, vbase, tb_row, tail_base, nkb, t, r, skl, svl, dd,
                                        scale, m_i, l_i, acc, TILE_N)
     if HEAVY:  # the heavy keys of the skipped blocks, one by one
         hk = HK + b * s_hkb + h * s_hkh
         hv = HV + b * s_hkb + h * s_hkh
-        hb = HB + b * s_hbb + h * s_hbh
+        hb_row = HBias + row * heavy_rows
         for t in tl.range(0, heavy_rows // TILE_N, num_stages=2):
-            m_i, l_i, acc = _heavy_step(q, hk, hv, hb, lv_row, t, r, s_hkl, dd, scale, m_i, l_i, acc, TILE_N)
+            m_i, l_i, acc = _heavy_step(q, hk, hv, hb_row, t, r, s_hkl, dd, scale, m_i, l_i, acc, TILE_N)
     acc = acc / l_i[:, None]
     tl.store(Out + b * sob + h * soh + src[:, None] * sol + dd[None, :], acc.to(Out.dtype.element_ty),
              mask=qmask[:, None])
@@ -796,14 +850,12 @@ def _register_cap(cfg: LaunchConfig, num_warps: int | None, maxnreg: int | None)
 def attention_triton(q: torch.Tensor, pyr: Pyramid, sched: Schedule, m: int,
                      out: torch.Tensor | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, perm: torch.Tensor | None = None,
-                     loop_stages: int | None = None,
-                     maxnreg: int | None = None, levels: torch.Tensor | None = None) -> torch.Tensor:
+                     loop_stages: int | None = None, maxnreg: int | None = None) -> torch.Tensor:
     """The pyramid attention kernel over a schedule; same function as attention_reference.
 
     With ``perm``, q and the output are in the caller's order (arranged = x[..., perm, :]).
-    A pyramid with a tail or heavy keys needs the level map ``levels`` ([B, H, nqb, nkb]) the
-    schedule was built from: its level-0 blocks are the ones whose means (and heavy keys) are
-    attended.
+    A pyramid with a tail or heavy keys needs a schedule built from it (:func:`build_schedule`
+    then holds, per row, which tail rows and heavy keys count).
     The launch is :func:`kernel_launch_config`'s unless the other arguments override it
     (``maxnreg`` 0: no register cap; the cap applies to the default warps only)."""
     B, H, L, D = q.shape
@@ -814,29 +866,26 @@ def attention_triton(q: torch.Tensor, pyr: Pyramid, sched: Schedule, m: int,
     cfg = kernel_launch_config(m, sched.tile_n, sched.packed, D, major)
     sm_scale_log2 = LOG2E / math.sqrt(D)
     tail, heavy = pyr.has_tail, pyr.has_heavy
-    if (tail or heavy) and (levels is None or levels.shape[:3] != (B, H, nqb)):
-        raise ValueError("a pyramid with a tail or heavy keys needs the level map [B, H, nqb, nkb] of the schedule")
+    nkb = -(-L // pyr.n)
+    if (tail and (sched.tail_bias is None or sched.tail_bias.shape[-1] < nkb)) or (
+            heavy and (sched.heavy_bias is None or sched.heavy_bias.shape[-1] != pyr.heavy_block.shape[-1])):
+        raise ValueError("a pyramid with a tail or heavy keys needs a schedule built from it "
+                         "(build_schedule(levels, pyr, ...))")
     if (tail or heavy) and sched.tile_n != TILE_WIDTH:
         raise ValueError(f"the tail and the heavy keys are read in tiles of {TILE_WIDTH} rows; got a schedule "
                          f"of {sched.tile_n}")
-    lv = levels if tail or heavy else sched.counts
-    lv_strides = (lv.stride(0), lv.stride(1), lv.stride(2)) if tail or heavy else (0, 0, 0)
-    nkb = -(-L // pyr.n)
-    if tail and pyr.tail_bias is not None:  # per (batch, head): heavy keys left some blocks
-        tb, tb_strides = pyr.tail_bias, (pyr.tail_bias.stride(0), pyr.tail_bias.stride(1))
-    else:  # one bias for all heads: the tail rows' ln count
-        tb, tb_strides = pyr.bias[pyr.base.get(0, 0):], (0, 0)
-    hk, hv, hb = (pyr.heavy_k, pyr.heavy_v, pyr.heavy_block) if heavy else (pyr.k, pyr.v, sched.counts)
+    tb = sched.tail_bias if tail else sched.counts
+    hk, hv, hbias = (pyr.heavy_k, pyr.heavy_v, sched.heavy_bias) if heavy else (pyr.k, pyr.v, sched.counts)
     if heavy and (hk.stride() != hv.stride() or hk.stride(-1) != 1):
         raise ValueError("heavy keys and values must share one layout with unit stride along the head dim")
     _pyramid_attn_kernel[(nqb, B * H)](
         q, pyr.k, pyr.v, pyr.bias, out, sched.tile_level, sched.tile_seg, sched.counts,
-        sched.segs, perm if perm is not None else sched.counts, lv, tb, hk, hv, hb, L, sm_scale_log2,
+        sched.segs, perm if perm is not None else sched.counts, tb, hk, hv, hbias, L, sm_scale_log2,
         pyr.base.get(0, 0), nkb if tail else 0, hk.shape[2] if heavy else 0,
         q.stride(0), q.stride(1), q.stride(2), pyr.k.stride(0), pyr.k.stride(1), pyr.k.stride(2),
         pyr.v.stride(0), pyr.v.stride(1), pyr.v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        sched.tile_level.stride(2), sched.segs.stride(2), *lv_strides, *tb_strides,
-        hk.stride(0), hk.stride(1), hk.stride(2), hb.stride(0), hb.stride(1),
+        sched.tile_level.stride(2), sched.segs.stride(2), tb.shape[-1] if tail else 0,
+        hk.stride(0), hk.stride(1), hk.stride(2),
         H=H, D=D, BLOCK_M=m, N=pyr.n, TILE_N=sched.tile_n, PACKED=sched.packed, HAS_PERM=perm is not None,
         FOLD=sched.folded, TAIL=tail, HEAVY=heavy,
         LOOP_STAGES=cfg.loop_stages if loop_stages is None else loop_stages,

@@ -36,7 +36,7 @@ def _heavy(index: torch.Tensor, n: int) -> HeavyKeys:
 def _kernel(q, pyr, levels, m, packed):
     out = torch.full_like(q, float("nan"))
     sched = pyramid.build_schedule(levels, pyr, packed=packed, tile_n=pyramid.TILE_WIDTH)
-    pyramid.attention_triton(q, pyr, sched, m, out=out, levels=levels)
+    pyramid.attention_triton(q, pyr, sched, m, out=out)
     assert not torch.isnan(out).any(), "kernel left rows unwritten"
     return out
 
@@ -161,3 +161,44 @@ def test_heavy_keys_round_trip():
 
 def test_heavy_in_head_passes_matches_one_pass(device):
     passes_match_one_pass({"heavy_keys": 100}, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_schedule_column_biases_follow_the_level_map(dtype, device):
+    # the schedule's per-row biases, which the kernel reads instead of the level map: log2 of a
+    # tail row's real keys where the row skips its block (-inf elsewhere and past the last
+    # block), 0 for a heavy key whose block the row skips (-inf elsewhere and for padding)
+    L, m, n, D, count = 1100, 64, 32, 16, 70
+    q, k, v = structured_qkv((1, 1, L), heads=2, head_dim=D, batch=2, seed=17, device=device)
+    k, v = k.to(dtype), v.to(dtype)
+    nqb, nkb = -(-L // m), -(-L // n)
+    levels = _random_levels(2, 2, nqb, nkb, seed=5).to(device)
+    g = torch.Generator().manual_seed(3)
+    index = torch.stack([torch.stack([torch.randperm(L, generator=g)[:count] for _ in range(2)])
+                         for _ in range(2)]).to(device)
+    heavy = _heavy(index, n)
+    pyr, _ = pyramid.build_pyramid_triton(k, v, n, L, tail=True, heavy=heavy)
+    sched = pyramid.build_schedule(levels, pyr, packed=True, tile_n=pyramid.TILE_WIDTH)
+    ninf = float("-inf")
+    lv = levels.cpu().long()
+    # real keys per (batch, head, key block) left for the tail: block length minus heavy keys
+    counts = torch.full((2, 2, nkb), float(n))
+    counts[..., -1] = L - (nkb - 1) * n
+    for b in range(2):
+        for h in range(2):
+            for j in index[b, h].cpu().tolist():
+                counts[b, h, j // n] -= 1
+    want_tail = torch.full((2, 2, nqb, -(-nkb // 64) * 64), ninf, dtype=torch.float64)
+    in_tail = (lv == 0) & (counts[:, :, None, :] > 0)
+    want_tail[..., :nkb] = torch.where(in_tail, counts.log2().double()[:, :, None, :], ninf)
+    tol = dict(atol=0, rtol=1e-6) if dtype == torch.float32 else dict(atol=0, rtol=2 ** -10)
+    torch.testing.assert_close(sched.tail_bias.cpu().double(), want_tail, **tol)
+    blk = pyr.heavy_block.cpu().long()                                   # [B, H, rows], -1 padding
+    at = torch.gather(lv, 3, blk.clamp_min(0)[:, :, None, :].expand(-1, -1, nqb, -1))
+    want_heavy = torch.where((blk[:, :, None, :] >= 0) & (at == 0), 0.0, ninf).double()
+    torch.testing.assert_close(sched.heavy_bias.cpu().double(), want_heavy, atol=0, rtol=0)
+    # a schedule without the tail cannot drive a pyramid with one
+    bare = pyramid.build_schedule(levels, pyramid.build_pyramid_triton(k, v, n, L)[0], packed=True,
+                                  tile_n=pyramid.TILE_WIDTH)
+    with pytest.raises(ValueError, match="schedule built from it"):
+        pyramid.attention_triton(q.to(dtype), pyr, bare, m)

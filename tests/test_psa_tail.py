@@ -15,7 +15,7 @@ from test_psa_attention import HAND_LEVELS, KERNEL_TOL, _close, _kernel, _pyrami
 def _kernel_tail(q, pyr, levels, m, packed, fold=True):
     out = torch.full_like(q, float("nan"))
     sched = pyramid.build_schedule(levels, pyr, packed=packed, fold=fold)
-    pyramid.attention_triton(q, pyr, sched, m, out=out, levels=levels)
+    pyramid.attention_triton(q, pyr, sched, m, out=out)
     assert not torch.isnan(out).any(), "kernel left rows unwritten"
     return out
 
