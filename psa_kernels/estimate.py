@@ -8,6 +8,7 @@ keeps the cost near 1/32 of a dense QK^T.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -282,6 +283,13 @@ def block_lengths(L: int, block: int, device=None) -> torch.Tensor:
     return lengths
 
 
+@functools.lru_cache(maxsize=64)
+def block_log_lengths(L: int, block: int, device: torch.device) -> torch.Tensor:
+    """ln :func:`block_lengths`, made once per (L, block, device): writing the partial block's
+    length into a device tensor is a copy from the host that waits for the device."""
+    return block_lengths(L, block, device).log()
+
+
 def block_means_reference(x: torch.Tensor, block: int) -> torch.Tensor:
     """[B, H, nblocks, D] float32 means of ``block`` consecutive rows of x [B, H, L, D] (arranged);
     a partial last block is the mean of its real rows."""
@@ -320,5 +328,5 @@ def estimate_block_mean(q: torch.Tensor, k: torch.Tensor, m: int, n: int,
         if perm is not None:
             raise ValueError("the torch block means take arranged q and k (perm None)")
         qm, km = block_means_reference(q, m), block_means_reference(k, n)
-    s = torch.matmul(qm, km.transpose(-1, -2)).mul_(1.0 / math.sqrt(D)).add_(block_lengths(L, n, q.device).log())
+    s = torch.matmul(qm, km.transpose(-1, -2)).mul_(1.0 / math.sqrt(D)).add_(block_log_lengths(L, n, q.device))
     return s.softmax(-1)

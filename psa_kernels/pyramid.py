@@ -81,6 +81,46 @@ def _with_heavy(pyr: "Pyramid", k: torch.Tensor, v: torch.Tensor, heavy: HeavyKe
     return pyr
 
 
+@triton.jit
+def _heavy_rows_kernel(K, V, Index, Block, HK, HV, HB, count, rows, skb, skh, skl, svb, svh, svl, s_ib, s_ih,
+                       H: tl.constexpr, D: tl.constexpr, CH: tl.constexpr):
+    # One program: CH heavy rows of one (batch, head): the chosen keys and values gathered from
+    # the caller's k and v, their key blocks; rows past ``count`` are zero with block -1.
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    r = c * CH + tl.arange(0, CH)
+    real = r < count
+    dd = tl.arange(0, D)
+    idx = tl.load(Index + b * s_ib + h * s_ih + r, mask=real, other=0)
+    blk = tl.load(Block + b * s_ib + h * s_ih + r, mask=real, other=-1)
+    kx = tl.load(K + b * skb + h * skh + idx[:, None] * skl + dd[None, :], mask=real[:, None], other=0.0)
+    vx = tl.load(V + b * svb + h * svh + idx[:, None] * svl + dd[None, :], mask=real[:, None], other=0.0)
+    out = bh * rows + r
+    tl.store(HK + out[:, None] * D + dd[None, :], kx)
+    tl.store(HV + out[:, None] * D + dd[None, :], vx)
+    tl.store(HB + out, blk)
+
+
+def _with_heavy_triton(pyr: "Pyramid", k: torch.Tensor, v: torch.Tensor, heavy: HeavyKeys | None) -> "Pyramid":
+    """:func:`_with_heavy` in one Triton pass (k, v with unit stride along the head dim)."""
+    if heavy is None:
+        return pyr
+    B, H, _, D = k.shape
+    K = heavy.index.shape[-1]
+    rows = max(HEAVY_ROWS, -(-K // HEAVY_ROWS) * HEAVY_ROWS)
+    index, block = heavy.index.contiguous(), heavy.block.contiguous()
+    pyr.heavy_k = torch.empty((B, H, rows, D), device=k.device, dtype=k.dtype)
+    pyr.heavy_v = torch.empty((B, H, rows, D), device=v.device, dtype=v.dtype)
+    pyr.heavy_block = torch.empty((B, H, rows), device=k.device, dtype=torch.int32)
+    _heavy_rows_kernel[(rows // HEAVY_ROWS, B * H)](
+        k, v, index, block, pyr.heavy_k, pyr.heavy_v, pyr.heavy_block, K, rows,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), H * K, K,
+        H=H, D=D, CH=HEAVY_ROWS, num_warps=4)
+    return pyr
+
+
 def build_pyramid(k: torch.Tensor, v: torch.Tensor, n: int, L: int, tail: bool = False,
                   heavy: HeavyKeys | None = None) -> Pyramid:
     """Pool k and v ([B, H, L, D], arranged) by 2, 4 and 8 inside each key block of n tokens;
@@ -243,7 +283,7 @@ def build_pyramid_triton(k: torch.Tensor, v: torch.Tensor | None, n: int, L: int
                / sim_cnt.view(B, H, nkb, per_block, 3).sum(3).clamp_min(1.0))
     if not with_pyramid:
         return None, sim
-    pyr = _with_heavy(Pyramid(kp, vp, bias, base, n, L), k, v, heavy)
+    pyr = _with_heavy_triton(Pyramid(kp, vp, bias, base, n, L), k, v, heavy)
     if tail:
         base[0] = rows1 * 15 // 8
         _fill_tail(pyr, nkb)
@@ -251,11 +291,13 @@ def build_pyramid_triton(k: torch.Tensor, v: torch.Tensor | None, n: int, L: int
 
 
 @triton.jit
-def _tail_rows_kernel(KP, VP, Bias, HSum, HCnt, TailBias, base8, base0, spb, sph, spl,
-                      H: tl.constexpr, D: tl.constexpr, G: tl.constexpr, HEAVY: tl.constexpr):
+def _tail_rows_kernel(KP, VP, Bias, HK, HV, HB, heavy_rows, TailBias, base8, base0, spb, sph, spl,
+                      H: tl.constexpr, D: tl.constexpr, G: tl.constexpr, HEAVY: tl.constexpr,
+                      HC: tl.constexpr):
     # One program: the tail row of one key block of one (batch, head), the count-weighted mean of
-    # the block's G pooled-by-8 rows (1/8 of its keys and values read again, in one pass); with
-    # HEAVY the heavy keys' sums and count are taken out first and the ln count is stored per head.
+    # the block's G pooled-by-8 rows (1/8 of its keys and values read again, in one pass), and
+    # its bias ln(real keys) (shared by all heads). With HEAVY the heavy keys of the block (found
+    # by scanning the head's heavy rows) are taken out first and the bias is stored per head.
     j = tl.program_id(0)
     bh = tl.program_id(1)
     nkb = tl.num_programs(0)
@@ -268,40 +310,41 @@ def _tail_rows_kernel(KP, VP, Bias, HSum, HCnt, TailBias, base8, base0, spb, sph
     ksum = tl.sum(tl.load(kp + rows[:, None] * spl + dd[None, :]).to(tl.float32) * cnt8[:, None], 0)
     vsum = tl.sum(tl.load(vp + rows[:, None] * spl + dd[None, :]).to(tl.float32) * cnt8[:, None], 0)
     cnt = tl.sum(cnt8, 0)
+    tl.store(Bias + base0 + j, tl.log(cnt), mask=bh == 0)
     if HEAVY:
-        at = bh * nkb + j
-        ksum -= tl.load(HSum + (2 * at) * D + dd)
-        vsum -= tl.load(HSum + (2 * at + 1) * D + dd)
-        cnt -= tl.load(HCnt + at)
-        tl.store(TailBias + at, tl.where(cnt > 0.5, tl.log(tl.maximum(cnt, 1.0)), float("-inf")))
+        hr = tl.arange(0, HC)
+        for c0 in range(0, heavy_rows, HC):
+            at = bh * heavy_rows + c0 + hr
+            mine = tl.load(HB + at) == j
+            found = tl.sum(mine.to(tl.float32), 0)
+            if found > 0:  # most blocks hold no heavy key: their rows are never read
+                ksum -= tl.sum(tl.load(HK + at[:, None] * D + dd[None, :], mask=mine[:, None], other=0.0)
+                               .to(tl.float32), 0)
+                vsum -= tl.sum(tl.load(HV + at[:, None] * D + dd[None, :], mask=mine[:, None], other=0.0)
+                               .to(tl.float32), 0)
+                cnt -= found
+        tl.store(TailBias + bh * nkb + j, tl.where(cnt > 0.5, tl.log(tl.maximum(cnt, 1.0)), float("-inf")))
     inv = 1.0 / tl.maximum(cnt, 1.0)
     tl.store(kp + (base0 + j) * spl + dd, (ksum * inv).to(KP.dtype.element_ty))
     tl.store(vp + (base0 + j) * spl + dd, (vsum * inv).to(VP.dtype.element_ty))
 
 
 def _fill_tail(pyr: Pyramid, nkb: int) -> None:
-    """Fill the tail rows (``pyr.base[0]``) from the level-8 rows with :func:`_tail_rows_kernel`.
-    With heavy keys, their sums per key block are scattered first (K rows a head) and the tail
-    bias becomes per (batch, head)."""
+    """Fill the tail rows (``pyr.base[0]``) and their bias from the level-8 rows with
+    :func:`_tail_rows_kernel`. With heavy keys (contiguous [B, H, rows, D], as
+    :func:`_with_heavy_triton` makes them) the tail bias becomes per (batch, head)."""
     kp, vp, bias, n = pyr.k, pyr.v, pyr.bias, pyr.n
     B, H, _, D = kp.shape
-    base8, base0 = pyr.base[8], pyr.base[0]
-    g = n // 8
-    bias[base0:base0 + nkb] = bias[base8:base8 + nkb * g].exp().view(nkb, g).sum(1).log()
-    hsum = hcnt = tail_bias = bias
     if pyr.has_heavy:
-        blk = pyr.heavy_block.long()                                   # [B, H, rows], -1 padding
-        real = blk >= 0
-        at = blk.clamp_min(0)
-        hsum = torch.zeros((B, H, nkb, 2, D), device=kp.device, dtype=torch.float32)
-        both = torch.stack([pyr.heavy_k, pyr.heavy_v], 3).float() * real[..., None, None]  # padding rows are 0
-        hsum.scatter_add_(2, at[..., None, None].expand_as(both), both)
-        hcnt = torch.zeros((B, H, nkb), device=kp.device, dtype=torch.float32).scatter_add_(2, at, real.float())
-        tail_bias = torch.empty((B, H, nkb), device=kp.device, dtype=torch.float32)
-        pyr.tail_bias = tail_bias
-    _tail_rows_kernel[(nkb, B * H)](kp, vp, bias, hsum, hcnt, tail_bias, base8, base0,
-                                    kp.stride(0), kp.stride(1), kp.stride(2), H=H, D=D, G=g,
-                                    HEAVY=pyr.has_heavy, num_warps=1 if D <= 64 else 2)
+        hk, hv, hb = pyr.heavy_k, pyr.heavy_v, pyr.heavy_block
+        pyr.tail_bias = torch.empty((B, H, nkb), device=kp.device, dtype=torch.float32)
+        heavy_rows = hb.shape[-1]
+    else:
+        hk, hv, hb, heavy_rows = kp, vp, bias, 0
+    _tail_rows_kernel[(nkb, B * H)](kp, vp, bias, hk, hv, hb, heavy_rows,
+                                    pyr.tail_bias if pyr.has_heavy else bias, pyr.base[8], pyr.base[0],
+                                    kp.stride(0), kp.stride(1), kp.stride(2), H=H, D=D, G=n // 8,
+                                    HEAVY=pyr.has_heavy, HC=32, num_warps=1 if D <= 64 else 2)
 
 
 def attention_reference(q: torch.Tensor, pyr: Pyramid, levels: torch.Tensor, m: int,
