@@ -123,7 +123,7 @@ QUICK_SHIPPED = ("Wan2.1_1.3b/psa_topk", "Wan2.1_14b/psa_balanced")
 # level 1 alone up to share a; and psa_quality's pyramid (levels 1, 2, 4, 8 ending at 0.06,
 # 0.1, 0.16, 0.3) scaled by s; each routed both ways
 TAIL_L1 = (0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12)
-TAIL_PYRAMID_SCALE = (0.5, 0.75)
+TAIL_PYRAMID_SCALE = (0.5, 0.75, 1.5)
 ESTIMATES = ("sampled", "block_mean")
 # heavy keys per head (heavy_keys): each tail preset (sweeps and shipped) also with these
 HEAVY_COUNTS = (128, 256)
