@@ -98,8 +98,16 @@ def variants(arch: int = 90):
                {"num_warps": pyramid.BUILD_WARPS})
     for heavy_keys in (False, True):
         yield (f"tail rows heavy={heavy_keys}", pyramid._tail_rows_kernel,
-               {"KP": "bf16", "VP": "bf16", "Bias": "fp32", "HSum": "fp32", "HCnt": "fp32", "TailBias": "fp32"}, (),
-               dict(H=12, D=128, G=8, HEAVY=heavy_keys), {"num_warps": 2})
+               {"KP": "bf16", "VP": "bf16", "Bias": "fp32", "HK": "bf16", "HV": "bf16", "HB": "i32",
+                "TailBias": "fp32"}, (),
+               dict(H=12, D=128, G=8, HEAVY=heavy_keys, HC=32), {"num_warps": 2})
+    yield ("heavy rows", pyramid._heavy_rows_kernel,
+           {"K": "bf16", "V": "bf16", "Index": "i64", "Block": "i32", "HK": "bf16", "HV": "bf16", "HB": "i32"}, (),
+           dict(H=12, D=128, CH=pyramid.HEAVY_ROWS), {"num_warps": 4})
+    for tail, heavy_keys in ((True, False), (True, True), (False, True)):
+        yield (f"column biases tail={tail} heavy={heavy_keys}", pyramid._column_bias_kernel,
+               {"Levels": "i8", "TailLn": "fp32", "HBlock": "i32", "TailOut": "fp16", "HeavyOut": "fp16"}, (),
+               dict(TAIL=tail, HEAVY=heavy_keys, CH=pyramid.TILE_WIDTH), {"num_warps": 1})
     yield ("mean-query logits", heavy_mod._mean_query_logit_kernel, {"K": "bf16", "Qbar": "fp32", "Out": "fp32"}, (),
            dict(H=12, D=128, CH=heavy_mod.LOGIT_ROWS), {"num_warps": 4})
     for n, nkb in ((32, 1024), (128, 256)):  # packed levels; level-1 blocks split over two tiles
@@ -125,8 +133,8 @@ def variants(arch: int = 90):
         yield (f"attention m{m} n{n} packed={packed} d{d} fold={fold} tail={tail} heavy={heavy}",
                pyramid._pyramid_attn_kernel,
                {"Q": "bf16", "KP": "bf16", "VP": "bf16", "Bias": "fp32", "Out": "bf16", "TileLevel": "i32",
-                "TileSeg": "i32", "Counts": "i32", "Segs": "i32", "Perm": "i64", "Levels": "i8",
-                "TailBias": "fp32", "HK": "bf16", "HV": "bf16", "HB": "i32"}, ("sm_scale_log2",),
+                "TileSeg": "i32", "Counts": "i32", "Segs": "i32", "Perm": "i64",
+                "TailBias": "fp16", "HK": "bf16", "HV": "bf16", "HBias": "fp16"}, ("sm_scale_log2",),
                dict(H=12, D=d, BLOCK_M=m, N=n, TILE_N=tile_n, PACKED=packed, HAS_PERM=True,
                     LOOP_STAGES=launch.loop_stages, FOLD=fold, TAIL=tail, HEAVY=heavy),
                options)
