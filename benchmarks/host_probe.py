@@ -62,7 +62,8 @@ def main():
                 call()
             torch.cuda.synchronize()
         kernels = sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA) / 10
-        print(f"\n{name}: host {sorted(host)[25]:.3f} ms a call, do_bench {gpu:.3f} ms, {kernels:.0f} GPU kernels a call")
+        print(f"\n{name}: host {sorted(host)[25]:.3f} ms a call, do_bench {gpu:.3f} ms, "
+              f"{kernels:.0f} GPU kernels a call")
         rows = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
         rows.sort(key=lambda e: -e.self_cpu_time_total)
         for e in rows[:22]:

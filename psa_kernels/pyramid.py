@@ -399,8 +399,8 @@ class Schedule:
     tile_n: int                # pyramid rows per tile
     packed: bool               # several segments per tile (new_mask_type)
     folded: bool = True        # a packed level's partly filled last tile is a regular one
-    # per row, the logit bias (log2 units; float16 under 16-bit keys) of each tail row: log2 of its real keys
-    # where the row skips the key block, -inf where it does not, -inf past the last block
+    # per row, the logit bias (log2 units; float16 under 16-bit keys) of each tail row: log2 of
+    # its real keys where the row skips the key block, -inf where it does not and past the last block
     tail_bias: torch.Tensor | None = None    # [B, H, nqb, whole tiles of key blocks]
     heavy_bias: torch.Tensor | None = None   # [B, H, nqb, heavy rows]: 0 where the key counts, else -inf
 
@@ -621,7 +621,8 @@ def _column_bias_kernel(Levels, TailLn, HBlock, TailOut, HeavyOut, nkb, nqb, s_l
             blk = tl.load(HBlock + bh * s_hb + i)
             real = blk >= 0
             skipped = (tl.load(lv_row + tl.maximum(blk, 0), mask=real, other=1) == 0) & real
-            tl.store(HeavyOut + row * heavy_rows + i, tl.where(skipped, 0.0, float("-inf")).to(HeavyOut.dtype.element_ty))
+            tl.store(HeavyOut + row * heavy_rows + i,
+                     tl.where(skipped, 0.0, float("-inf")).to(HeavyOut.dtype.element_ty))
 
 
 def _column_biases(lv: torch.Tensor, pyr: Pyramid, shape) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -727,8 +728,8 @@ def _attend_logits(x, v, m_i, l_i, acc):
 @triton.jit
 def _tail_step(q, kbase, vbase, tb_row, tail_base, nkb, t, r, skl, svl, dd, scale, m_i, l_i, acc,
                TILE_N: tl.constexpr):
-    """TILE_N block means of the tail; ``tb_row``: this row's float16 bias per block (log2 of its
-    real keys where the row skips the block, -inf elsewhere: :func:`_column_bias_kernel`)."""
+    """TILE_N block means of the tail; ``tb_row``: this row's bias per block (log2 of its real
+    keys where the row skips the block, -inf elsewhere: :func:`_column_bias_kernel`)."""
     kb = t * TILE_N + r
     inside = kb < nkb
     prow = tail_base + kb
@@ -741,8 +742,8 @@ def _tail_step(q, kbase, vbase, tb_row, tail_base, nkb, t, r, skl, svl, dd, scal
 
 @triton.jit
 def _heavy_step(q, hk, hv, hb_row, t, r, shl, dd, scale, m_i, l_i, acc, TILE_N: tl.constexpr):
-    """TILE_N heavy keys; ``hb_row``: this row's float16 bias per heavy key (0 where its block is
-    skipped by this row, -inf elsewhere and for padding rows)."""
+    """TILE_N heavy keys; ``hb_row``: this row's bias per heavy key (0 where its block is skipped
+    by this row, -inf elsewhere and for padding rows)."""
     hrow = t * TILE_N + r
     k = tl.load(hk + hrow[:, None] * shl + dd[None, :])
     v = tl.load(hv + hrow[:, None] * shl + dd[None, :])
