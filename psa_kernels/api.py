@@ -102,6 +102,15 @@ def _unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def pyramid_layout(cfg: PSAConfig, k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> dict:
+    """What the Triton pyramid of a preset holds (:func:`pyramid.build_pyramid_triton`'s
+    ``tail``, ``level1`` and ``pooled``): the tail when the preset has one, the pooled levels
+    only when its level map can use them, and no copy of level 1 (the kernel reads k and v in
+    place) unless k and v differ in layout. Without k and v: the layout when they agree."""
+    in_place = k is None or v is None or k.stride() == v.stride()
+    return {"tail": cfg.use_pooled_tail, "level1": not in_place, "pooled": cfg.uses_pooled_levels}
+
+
 def kernel_head_dim(head_dim: int) -> bool:
     """Whether the Triton kernels take this head dimension (a power of two, 16 to 256)."""
     return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
@@ -165,9 +174,10 @@ def psa_plan(q: torch.Tensor, k: torch.Tensor, cfg: PSAConfig, grid, text_len: i
             scores = estimate.estimate_triton(q, k, m, n, perm, heads_per_pass=heads_per_pass)
         lv = levels_mod.assign_levels_triton(scores, cfg, text_q, text_k)
         if keep_pyramid or cfg.use_sim_mask:
-            pyr, sim = pyramid.build_pyramid_triton(k, _unit_stride(v) if keep_pyramid else None, n, L,
-                                                    cfg.use_sim_mask, perm, tail=cfg.use_pooled_tail,
-                                                    heavy=heavy if keep_pyramid else None)
+            v = _unit_stride(v) if keep_pyramid else None
+            pyr, sim = pyramid.build_pyramid_triton(k, v, n, L, cfg.use_sim_mask, perm,
+                                                    heavy=heavy if keep_pyramid else None,
+                                                    **pyramid_layout(cfg, k, v if keep_pyramid else k))
     else:
         qa, ka = arrange(q, perm), arrange(k, perm)
         scores = (estimate.estimate_block_mean(qa, ka, m, n, triton_means=False) if cfg.estimate_method == "block_mean"
@@ -240,7 +250,7 @@ def _heads_that_fit(q: torch.Tensor, cfg: PSAConfig) -> int:
     m, n = cfg.block_size.m, cfg.block_size.n
     # the estimate's scratch is freed before the pyramid and the schedule are made
     per_head = max(pyramid.attention_bytes_per_head(B, L, D, q.element_size(), m, n, cfg.attn_impl == "new_mask_type",
-                                                    cfg.use_pooled_tail),
+                                                    **pyramid_layout(cfg)),
                    estimate.scratch_bytes_per_head(B, L, m, n))
     # the nested statistics: torch.cuda.memory_reserved() and memory_allocated() flatten all
     # of them first, which took 0.3 ms a call on the H100 machine's host
@@ -260,8 +270,9 @@ def _attend(q, k, v, cfg: PSAConfig, plan: PSAPlan, out: torch.Tensor | None = N
     if plan.backend == "triton":
         pyr = plan.pyramid
         if pyr is None:
-            pyr, _ = pyramid.build_pyramid_triton(_unit_stride(k), _unit_stride(v), n, L, perm=plan.perm,
-                                                  tail=cfg.use_pooled_tail, heavy=plan.heavy)
+            k, v = _unit_stride(k), _unit_stride(v)
+            pyr, _ = pyramid.build_pyramid_triton(k, v, n, L, perm=plan.perm, heavy=plan.heavy,
+                                                  **pyramid_layout(cfg, k, v))
         sched = pyramid.build_schedule(plan.levels, pyr, packed=cfg.attn_impl == "new_mask_type")
         return pyramid.attention_triton(_unit_stride(q), pyr, sched, m, out=out, perm=plan.perm)
     heavy = plan.heavy

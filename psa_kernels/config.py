@@ -357,6 +357,12 @@ class PSAConfig:
         """``(level, lo, hi)`` in level order 1, 2, 4, 8, 0, absent levels left out."""
         return [(lvl, *self.mask_ratios[lvl]) for lvl in LEVELS if lvl in self.mask_ratios]
 
+    @property
+    def uses_pooled_levels(self) -> bool:
+        """Whether a level map of this preset can hold level 2, 4 or 8 (the similarity guard
+        only ever makes a pooled level finer, and keeps levels 1 and 0 as they are)."""
+        return any(lvl in (2, 4, 8) and hi > lo for lvl, lo, hi in self.level_ranges())
+
 
 def _level(key: Any) -> int | None:
     if isinstance(key, bool) or (isinstance(key, float) and not key.is_integer()):

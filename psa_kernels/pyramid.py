@@ -40,7 +40,8 @@ BUILD_WARPS = 1
 
 @dataclass
 class Pyramid:
-    """Keys and values of all levels in one buffer, rows ``[L1 | L1/2 | L1/4 | L1/8]``."""
+    """Keys and values of all levels in one buffer, rows ``[L1 | L1/2 | L1/4 | L1/8 | tail]``
+    (``base``: the first row of each; level 1 may be read in place instead, see ``source``)."""
     k: torch.Tensor        # [B, H, rows, D]
     v: torch.Tensor        # [B, H, rows, D]
     bias: torch.Tensor     # [rows] float32: ln(real keys per row), -inf for padding
@@ -51,6 +52,12 @@ class Pyramid:
     heavy_k: torch.Tensor | None = None     # [B, H, rows, D] heavy keys (rows: a multiple of 64)
     heavy_v: torch.Tensor | None = None
     heavy_block: torch.Tensor | None = None  # [B, H, rows] int32 key block, -1 for padding
+    # level 1 read in place (build_pyramid_triton(level1=False)): the caller's k and v and the
+    # arranged order (arranged row r is their row perm[r]; None: the identity). The buffer then
+    # starts with level 2 (or, with no pooled level, level 8 for the tail), and level 1's rows
+    # are numbered as the arranged sequence.
+    source: tuple | None = None
+    perm: torch.Tensor | None = None
 
     @property
     def has_tail(self) -> bool:
@@ -59,6 +66,11 @@ class Pyramid:
     @property
     def has_heavy(self) -> bool:
         return self.heavy_k is not None
+
+    @property
+    def levels_held(self) -> tuple:
+        """The levels a level map over this pyramid may use (besides 0)."""
+        return (1, 2, 4, 8) if 2 in self.base else (1,)
 
     def tail_bias_of(self, b: int, h: int) -> torch.Tensor:
         """[nkb] the tail rows' bias for one (batch, head)."""
@@ -183,13 +195,16 @@ def _group_end_cosine(xn, valid, P: tl.constexpr, N: tl.constexpr, D: tl.constex
 
 
 @triton.jit
-def _pyramid_build_kernel(K, V, KP, VP, Bias, SimSum, SimCnt, Perm, L, rows1,
+def _pyramid_build_kernel(K, V, KP, VP, Bias, SimSum, SimCnt, Perm, L, base2, base4, base8,
                           skb, skh, skl, svb, svh, svl, spb, sph, spl, sim_bh,
                           H: tl.constexpr, D: tl.constexpr, CH: tl.constexpr, WITH_SIM: tl.constexpr,
-                          WITH_PYRAMID: tl.constexpr, HAS_PERM: tl.constexpr):
+                          WITH_PYRAMID: tl.constexpr, HAS_PERM: tl.constexpr, LEVEL1: tl.constexpr,
+                          POOLED: tl.constexpr, LEVEL8: tl.constexpr):
     # One program: one chunk of CH rows (a key block or a piece of one) of one (batch, head).
     # Pooling groups (at most 8 rows) never cross a chunk, so chunks are independent.
-    # Without WITH_PYRAMID it only measures the key similarity (nothing but k is read).
+    # Without WITH_PYRAMID it only measures the key similarity (nothing but k is read). It
+    # writes level 1 with LEVEL1, levels 2 and 4 with POOLED, level 8 with LEVEL8 (at the
+    # given first rows).
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -206,14 +221,17 @@ def _pyramid_build_kernel(K, V, KP, VP, Bias, SimSum, SimCnt, Perm, L, rows1,
         v = tl.load(V + b * svb + h * svh + src[:, None] * svl + dd[None, :], mask=valid[:, None], other=0.0)
         kp = KP + b * spb + h * sph
         vp = VP + b * spb + h * sph
-        tl.store(kp + r[:, None] * spl + dd[None, :], k)
-        tl.store(vp + r[:, None] * spl + dd[None, :], v)
+        if LEVEL1:
+            tl.store(kp + r[:, None] * spl + dd[None, :], k)
+            tl.store(vp + r[:, None] * spl + dd[None, :], v)
+            if bh == 0:
+                tl.store(Bias + r, tl.where(valid, 0.0, float("-inf")))
         vf = v.to(tl.float32)
-        if bh == 0:
-            tl.store(Bias + r, tl.where(valid, 0.0, float("-inf")))
-        _store_pooled(kf, vf, valid, kp, vp, Bias, bh == 0, rows1, c, spl, 2, CH, D)
-        _store_pooled(kf, vf, valid, kp, vp, Bias, bh == 0, rows1 + rows1 // 2, c, spl, 4, CH, D)
-        _store_pooled(kf, vf, valid, kp, vp, Bias, bh == 0, rows1 + rows1 // 2 + rows1 // 4, c, spl, 8, CH, D)
+        if POOLED:
+            _store_pooled(kf, vf, valid, kp, vp, Bias, bh == 0, base2, c, spl, 2, CH, D)
+            _store_pooled(kf, vf, valid, kp, vp, Bias, bh == 0, base4, c, spl, 4, CH, D)
+        if LEVEL8:
+            _store_pooled(kf, vf, valid, kp, vp, Bias, bh == 0, base8, c, spl, 8, CH, D)
     if WITH_SIM:
         kn = kf / tl.maximum(tl.sqrt(tl.sum(kf * kf, 1)), 1e-12)[:, None]
         at = bh * sim_bh + c * 3
@@ -245,23 +263,41 @@ def _store_pooled(kf, vf, valid, kp, vp, Bias, write_bias, base, c, spl,
 def build_pyramid_triton(k: torch.Tensor, v: torch.Tensor | None, n: int, L: int,
                          with_similarity: bool = False, perm: torch.Tensor | None = None,
                          chunk: int = BUILD_CHUNK, num_warps: int = BUILD_WARPS, tail: bool = False,
-                         heavy: HeavyKeys | None = None) -> tuple[Pyramid | None, torch.Tensor | None]:
+                         heavy: HeavyKeys | None = None, level1: bool = True,
+                         pooled: bool = True) -> tuple[Pyramid | None, torch.Tensor | None]:
     """Same pyramid as :func:`build_pyramid` in one pass over k and v; with ``with_similarity``
     also the key similarity of :func:`levels.key_similarity` ([B, H, nkb, 3]). With ``perm``,
     k and v are in the caller's order and are arranged on the way. With ``v`` None only the
     similarity is measured and no pyramid is allocated. With ``tail`` the block means follow.
-    ``heavy``: heavy keys (index in the caller's order, the order of k and v)."""
+    ``heavy``: heavy keys (index in the caller's order, the order of k and v).
+
+    Without ``level1`` the buffer holds no copy of k and v: the attention kernel reads level 1
+    from them in place (through ``perm``), which saves writing and keeping 2 x L rows. Without
+    ``pooled`` levels 2, 4 and 8 are left out too (a level map of levels 1 and 0 only; level 8
+    is still written, for the tail's means, when there is a tail)."""
     B, H, _, D = k.shape
     nkb = -(-L // n)
     rows1 = nkb * n
-    rows = rows1 * 15 // 8 + (nkb if tail else 0)  # the tail: one row per key block
+    level8 = pooled or tail
+    base = {1: 0}
+    rows = rows1 if level1 else 0
+    if pooled:
+        base[2], base[4] = rows, rows + rows1 // 2
+        rows += rows1 // 2 + rows1 // 4
+    if level8:
+        base[8] = rows
+        rows += rows1 // 8
+    if tail:
+        base[0] = rows
+        rows += nkb  # one row per key block
     chunk = min(n, chunk)  # rows per program: small enough to keep the pooled tiles in registers
     nchunks = rows1 // chunk
     with_pyramid = v is not None
     if with_pyramid:
-        kp = torch.empty((B, H, rows, D), device=k.device, dtype=k.dtype)
-        vp = torch.empty((B, H, rows, D), device=v.device, dtype=v.dtype)
-        bias = torch.empty(rows, device=k.device, dtype=torch.float32)
+        # one row at least, so that a pyramid of level 1 read in place still has a buffer
+        kp = torch.empty((B, H, max(rows, 1), D), device=k.device, dtype=k.dtype)
+        vp = torch.empty((B, H, max(rows, 1), D), device=v.device, dtype=v.dtype)
+        bias = torch.empty(max(rows, 1), device=k.device, dtype=torch.float32)
     else:
         v = kp = vp = bias = k
     if with_similarity:
@@ -269,13 +305,14 @@ def build_pyramid_triton(k: torch.Tensor, v: torch.Tensor | None, n: int, L: int
         sim_cnt = torch.empty_like(sim_sum)
     else:
         sim_sum = sim_cnt = bias
-    _pyramid_build_kernel[(nchunks, B * H)](
-        k, v, kp, vp, bias, sim_sum, sim_cnt, perm if perm is not None else bias, L, rows1,
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        kp.stride(0), kp.stride(1), kp.stride(2), nchunks * 3,
-        H=H, D=D, CH=chunk, WITH_SIM=with_similarity, WITH_PYRAMID=with_pyramid, HAS_PERM=perm is not None,
-        num_warps=num_warps)
-    base = {1: 0, 2: rows1, 4: rows1 + rows1 // 2, 8: rows1 + rows1 // 2 + rows1 // 4}
+    if with_similarity or (with_pyramid and rows > 0):
+        _pyramid_build_kernel[(nchunks, B * H)](
+            k, v, kp, vp, bias, sim_sum, sim_cnt, perm if perm is not None else bias, L,
+            base.get(2, 0), base.get(4, 0), base.get(8, 0),
+            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            kp.stride(0), kp.stride(1), kp.stride(2), nchunks * 3,
+            H=H, D=D, CH=chunk, WITH_SIM=with_similarity, WITH_PYRAMID=with_pyramid, HAS_PERM=perm is not None,
+            LEVEL1=level1, POOLED=pooled, LEVEL8=level8, num_warps=num_warps)
     sim = None
     if with_similarity:
         per_block = n // chunk
@@ -283,9 +320,11 @@ def build_pyramid_triton(k: torch.Tensor, v: torch.Tensor | None, n: int, L: int
                / sim_cnt.view(B, H, nkb, per_block, 3).sum(3).clamp_min(1.0))
     if not with_pyramid:
         return None, sim
-    pyr = _with_heavy_triton(Pyramid(kp, vp, bias, base, n, L), k, v, heavy)
+    pyr = Pyramid(kp, vp, bias, base, n, L)
+    if not level1:
+        pyr.source, pyr.perm = (k, v), perm
+    pyr = _with_heavy_triton(pyr, k, v, heavy)
     if tail:
-        base[0] = rows1 * 15 // 8
         _fill_tail(pyr, nkb)
     return pyr, sim
 
@@ -347,6 +386,39 @@ def _fill_tail(pyr: Pyramid, nkb: int) -> None:
                                     HEAVY=pyr.has_heavy, HC=32, num_warps=1 if D <= 64 else 2)
 
 
+def _reference_rows(pyr: Pyramid, b: int, h: int, nkb: int):
+    """The rows one (batch, head) of a pyramid offers, in float32: keys, values, bias (natural
+    log), the level each row serves (0: tail and heavy keys) and its key block."""
+    n, dev = pyr.n, pyr.k.device
+    ks, vs, bs, lvs, kbs = [], [], [], [], []
+    for p in LEVEL_ORDER + (0,):
+        if p not in pyr.base or (p == 8 and 2 not in pyr.base):  # a lone level 8 only feeds the tail
+            continue
+        rows = nkb if p == 0 else nkb * n // p
+        if p == 1 and pyr.source is not None:  # level 1 in place: the caller's rows, arranged
+            k1, v1 = (x[b, h].float() for x in pyr.source)
+            idx = pyr.perm.long() if pyr.perm is not None else torch.arange(pyr.length, device=dev)
+            pad = rows - pyr.length
+            ks.append(torch.nn.functional.pad(k1[idx], (0, 0, 0, pad)))
+            vs.append(torch.nn.functional.pad(v1[idx], (0, 0, 0, pad)))
+            bs.append(torch.where(torch.arange(rows, device=dev) < pyr.length, 0.0, float("-inf")))
+        else:
+            at = pyr.base[p]
+            ks.append(pyr.k[b, h, at:at + rows].float())
+            vs.append(pyr.v[b, h, at:at + rows].float())
+            bs.append(pyr.tail_bias_of(b, h) if p == 0 else pyr.bias[at:at + rows])
+        lvs.append(torch.full((rows,), p, device=dev))
+        kbs.append(torch.arange(rows, device=dev) // (1 if p == 0 else n // p))
+    if pyr.has_heavy:  # heavy keys carry level 0 too, each with its own block
+        blk = pyr.heavy_block[b, h].long()
+        ks.append(pyr.heavy_k[b, h].float())
+        vs.append(pyr.heavy_v[b, h].float())
+        bs.append(torch.where(blk >= 0, 0.0, float("-inf")))
+        lvs.append(torch.zeros_like(blk))
+        kbs.append(blk.clamp_min(0))
+    return torch.cat(ks), torch.cat(vs), torch.cat(bs), torch.cat(lvs), torch.cat(kbs)
+
+
 def attention_reference(q: torch.Tensor, pyr: Pyramid, levels: torch.Tensor, m: int,
                         q_chunk: int = 1024) -> torch.Tensor:
     """Pyramid attention in torch (float32 math), straight from the level map.
@@ -354,30 +426,16 @@ def attention_reference(q: torch.Tensor, pyr: Pyramid, levels: torch.Tensor, m: 
     q: [B, H, L, D] arranged; levels: [B, H, nqb, nkb]. Each query attends to every
     pyramid row whose (query block, key block) pair has that row's level; with a tail, also
     to the mean of every block at level 0, and with heavy keys to each heavy key whose block
-    is at level 0.
+    is at level 0. Any pyramid, that of :func:`build_pyramid` or :func:`build_pyramid_triton`
+    (level 1 read in place included).
     """
     B, H, L, D = q.shape
-    n = pyr.n
     nkb = levels.shape[-1]
-    row_level = torch.cat([torch.full((nkb * n // p,), p, device=q.device) for p in LEVEL_ORDER])
-    row_kblock = torch.cat([torch.arange(nkb * n // p, device=q.device) // (n // p) for p in LEVEL_ORDER])
-    if pyr.has_tail:  # the block means carry level 0
-        row_level = torch.cat([row_level, torch.zeros(nkb, device=q.device, dtype=row_level.dtype)])
-        row_kblock = torch.cat([row_kblock, torch.arange(nkb, device=q.device)])
     scale = 1.0 / math.sqrt(D)
     out = torch.empty_like(q)
     for b in range(B):
         for h in range(H):
-            kf, vf = pyr.k[b, h].float(), pyr.v[b, h].float()
-            bias, lvl_of_row, kblock_of_row = pyr.bias, row_level, row_kblock
-            if pyr.has_tail and pyr.tail_bias is not None:
-                bias = torch.cat([bias[:pyr.base[0]], pyr.tail_bias_of(b, h)])
-            if pyr.has_heavy:  # heavy keys carry level 0 too, each with its own block
-                blk = pyr.heavy_block[b, h].long()
-                kf, vf = torch.cat([kf, pyr.heavy_k[b, h].float()]), torch.cat([vf, pyr.heavy_v[b, h].float()])
-                bias = torch.cat([bias, torch.where(blk >= 0, 0.0, float("-inf"))])
-                lvl_of_row = torch.cat([row_level, torch.zeros_like(blk, dtype=row_level.dtype)])
-                kblock_of_row = torch.cat([row_kblock, blk.clamp_min(0)])
+            kf, vf, bias, lvl_of_row, kblock_of_row = _reference_rows(pyr, b, h, nkb)
             for s in range(0, L, q_chunk):
                 qc = q[b, h, s:s + q_chunk].float()
                 qblk = torch.arange(s, s + qc.shape[0], device=q.device) // m
@@ -549,13 +607,21 @@ def _schedule_shape(nkb: int, n: int, packed: bool, tn: int):
     return per_tile, split, max_t, sum(groups[p] * per_tile[p] for p in LEVEL_ORDER), sum(max_t.values())
 
 
+def pyramid_rows(nkb: int, n: int, tail: bool = False, level1: bool = True, pooled: bool = True) -> int:
+    """Rows of a pyramid buffer (:func:`build_pyramid_triton`'s arguments)."""
+    rows1 = nkb * n
+    return ((rows1 if level1 else 0) + (rows1 * 3 // 4 if pooled else 0) + (rows1 // 8 if pooled or tail else 0)
+            + (nkb if tail else 0))
+
+
 def attention_bytes_per_head(B: int, L: int, D: int, element_size: int, m: int, n: int, packed: bool,
-                             tail: bool = False) -> int:
+                             tail: bool = False, level1: bool = True, pooled: bool = True) -> int:
     """Device memory the pyramid and the tile schedule of one head take (B batch entries)."""
     nkb, nqb = -(-L // n), -(-L // m)
     _, _, _, max_segs, max_tiles = _schedule_shape(nkb, n, packed, tile_width(n))
-    pyramid_rows = nkb * n * 15 // 8 + (nkb if tail else 0)
-    return B * (2 * pyramid_rows * D * element_size + nqb * (max_segs + 2 * max_tiles + len(COUNT_FIELDS)) * 4)
+    rows = pyramid_rows(nkb, n, tail, level1, pooled)
+    biases = nqb * (-(-nkb // TILE_WIDTH) * TILE_WIDTH if tail else 0) * 4  # the schedule's tail bias, at most
+    return B * (2 * rows * D * element_size + nqb * (max_segs + 2 * max_tiles + len(COUNT_FIELDS)) * 4 + biases)
 
 
 def build_schedule(levels: torch.Tensor, pyr: Pyramid, packed: bool, tile_n: int | None = None,
@@ -588,7 +654,7 @@ def build_schedule(levels: torch.Tensor, pyr: Pyramid, packed: bool, tile_n: int
     p2 = triton.next_power_of_2
     _schedule_kernel[(B * H * nqb,)](
         lv, segs, tile_level, tile_seg, counts, nkb, tail_block, lv.stride(0), max_segs, max_tiles,
-        pyr.base[2], pyr.base[4], pyr.base[8], N=n, NKB=p2(nkb),
+        pyr.base.get(2, 0), pyr.base.get(4, 0), pyr.base.get(8, 0), N=n, NKB=p2(nkb),
         PT1=per_tile[1], PT2=per_tile[2], PT4=per_tile[4], PT8=per_tile[8],
         SP1=split[1], SP2=split[2], SP4=split[4], SP8=split[8],
         AM1=always_masked[1], AM2=always_masked[2], AM4=always_masked[4], AM8=always_masked[8],
@@ -654,34 +720,29 @@ def _column_biases(lv: torch.Tensor, pyr: Pyramid, shape) -> tuple[torch.Tensor 
 
 # ------------------------------------------------------------------------- kernel
 @triton.jit
-def _regular_tile(kbase, vbase, seg_row, seg_first, t, r, skl, svl, dd, SEG_LEN: tl.constexpr,
-                  TILE_N: tl.constexpr, PER_TILE: tl.constexpr):
+def _regular_tile(kbase, vbase, seg_row, seg_first, t, r, skl, svl, dd, Perm, SEG_LEN: tl.constexpr,
+                  TILE_N: tl.constexpr, PER_TILE: tl.constexpr, GATHER: tl.constexpr):
     """Keys and values of the t-th regular tile of a level: TILE_N real pyramid rows in
     segments of SEG_LEN rows whose first rows are seg_row[seg_first + ...]. seg_first comes
     from the schedule record, so the address of every row depends on one load only (no
-    tile-list loads in the loop)."""
+    tile-list loads in the loop). With GATHER the rows are arranged rows of level 1 read in
+    place: row r of the caller's keys is Perm[r]."""
     if SEG_LEN >= TILE_N:  # a contiguous, aligned run of rows of one key block
         SPLIT: tl.constexpr = SEG_LEN // TILE_N
         start = tl.load(seg_row + seg_first + t // SPLIT) + (t % SPLIT) * TILE_N
         prow = tl.multiple_of(start, TILE_N) + r
     else:  # PER_TILE segments; an empty slot (-1, only in a folded last tile) reads real rows
         prow = tl.maximum(tl.load(seg_row + seg_first + t * PER_TILE + r // SEG_LEN), 0) + r % SEG_LEN
+    if GATHER:
+        prow = tl.load(Perm + prow)
     k = tl.load(kbase + prow[:, None] * skl + dd[None, :])
     v = tl.load(vbase + prow[:, None] * svl + dd[None, :])
     return k, v
 
 
 @triton.jit
-def _masked_tile(kbase, vbase, Bias, seg_row, first, code, r, skl, svl, dd,
-                 N: tl.constexpr, TILE_N: tl.constexpr, PACKED: tl.constexpr):
-    """Keys, values and per-row bias (log2 units) of a masked tile (segments of N/level rows,
-    empty slots -1; ``code`` holds the level and which sub-tile of a wider block this is)."""
-    seg_len = N // (code & 15)
-    slot = r // seg_len
-    in_tile = (r < TILE_N) if PACKED else (slot < 1)
-    seg = tl.load(seg_row + first + slot, mask=in_tile, other=-1)
-    valid = seg >= 0
-    prow = tl.where(valid, seg + ((code >> _SUB) * TILE_N + r) % seg_len, 0)
+def _pyramid_rows(kbase, vbase, Bias, prow, valid, skl, svl, dd):
+    """Keys, values and bias (log2 units) of pyramid rows prow (-inf where not valid)."""
     k = tl.load(kbase + prow[:, None] * skl + dd[None, :], mask=valid[:, None], other=0.0)
     v = tl.load(vbase + prow[:, None] * svl + dd[None, :], mask=valid[:, None], other=0.0)
     bias = tl.load(Bias + prow, mask=valid, other=float("-inf")) * 1.4426950408889634
@@ -689,11 +750,49 @@ def _masked_tile(kbase, vbase, Bias, seg_row, first, code, r, skl, svl, dd,
 
 
 @triton.jit
-def _masked_step(q, kbase, vbase, Bias, code_at, first_at, seg_row, r, skl, svl, dd, scale, m_i, l_i, acc,
-                 N: tl.constexpr, TILE_N: tl.constexpr, PACKED: tl.constexpr):
+def _in_place_rows(k1base, v1base, prow, valid, s1l, dd, Perm, L, HAS_PERM: tl.constexpr):
+    """Keys, values and bias of arranged level-1 rows prow read in place from the caller's
+    keys (row Perm[prow]); rows past L are padding (-inf, as are rows not valid)."""
+    real = valid & (prow < L)
+    src = prow
+    if HAS_PERM:
+        src = tl.load(Perm + prow, mask=real, other=0)
+    k = tl.load(k1base + src[:, None] * s1l + dd[None, :], mask=real[:, None], other=0.0)
+    v = tl.load(v1base + src[:, None] * s1l + dd[None, :], mask=real[:, None], other=0.0)
+    return k, v, tl.where(real, 0.0, float("-inf"))
+
+
+@triton.jit
+def _masked_tile(kbase, vbase, Bias, seg_row, first, code, r, skl, svl, dd, k1base, v1base, s1l, Perm, L,
+                 N: tl.constexpr, TILE_N: tl.constexpr, PACKED: tl.constexpr, SRC_L1: tl.constexpr,
+                 HAS_PERM: tl.constexpr):
+    """Keys, values and per-row bias (log2 units) of a masked tile (segments of N/level rows,
+    empty slots -1; ``code`` holds the level and which sub-tile of a wider block this is).
+    With SRC_L1 a level-1 tile reads the caller's keys in place (arranged rows past L are
+    padding)."""
+    seg_len = N // (code & 15)
+    slot = r // seg_len
+    in_tile = (r < TILE_N) if PACKED else (slot < 1)
+    seg = tl.load(seg_row + first + slot, mask=in_tile, other=-1)
+    valid = seg >= 0
+    prow = tl.where(valid, seg + ((code >> _SUB) * TILE_N + r) % seg_len, 0)
+    if SRC_L1:
+        if (code & 15) == 1:
+            k, v, bias = _in_place_rows(k1base, v1base, prow, valid, s1l, dd, Perm, L, HAS_PERM)
+        else:
+            k, v, bias = _pyramid_rows(kbase, vbase, Bias, prow, valid, skl, svl, dd)
+    else:
+        k, v, bias = _pyramid_rows(kbase, vbase, Bias, prow, valid, skl, svl, dd)
+    return k, v, bias
+
+
+@triton.jit
+def _masked_step(q, kbase, vbase, Bias, code_at, first_at, seg_row, r, skl, svl, dd, k1base, v1base, s1l, Perm, L,
+                 scale, m_i, l_i, acc, N: tl.constexpr, TILE_N: tl.constexpr, PACKED: tl.constexpr,
+                 SRC_L1: tl.constexpr, HAS_PERM: tl.constexpr):
     """One masked tile: its keys and values, the per-row bias, the softmax step."""
     k, v, bias = _masked_tile(kbase, vbase, Bias, seg_row, tl.load(first_at), tl.load(code_at), r, skl, svl, dd,
-                              N, TILE_N, PACKED)
+                              k1base, v1base, s1l, Perm, L, N, TILE_N, PACKED, SRC_L1, HAS_PERM)
     # logits formed once: a vector bias would otherwise be added twice per score
     s = tl.dot(q, tl.trans(k)) * scale + bias[None, :]
     return _attend_tile(s, v, 1.0, 0.0, m_i, l_i, acc)
@@ -753,10 +852,11 @@ def _heavy_step(q, hk, hv, hb_row, t, r, shl, dd, scale, m_i, l_i, acc, TILE_N: 
 
 
 @triton.jit
-def _regular_step(q, kbase, vbase, seg_row, seg_first, t, cols, r, skl, svl, dd, scale, m_i, l_i, acc,
+def _regular_step(q, kbase, vbase, seg_row, seg_first, t, cols, r, skl, svl, dd, Perm, scale, m_i, l_i, acc,
                   SEG_LEN: tl.constexpr, TILE_N: tl.constexpr, PER_TILE: tl.constexpr, BIAS: tl.constexpr,
-                  FOLD: tl.constexpr):
-    k, v = _regular_tile(kbase, vbase, seg_row, seg_first, t, r, skl, svl, dd, SEG_LEN, TILE_N, PER_TILE)
+                  FOLD: tl.constexpr, GATHER: tl.constexpr):
+    k, v = _regular_tile(kbase, vbase, seg_row, seg_first, t, r, skl, svl, dd, Perm, SEG_LEN, TILE_N, PER_TILE,
+                         GATHER)
     s = tl.dot(q, tl.trans(k))
     if FOLD and PER_TILE > 1:  # a level's last tile may end in empty slots: mask past its real columns
         colb = tl.where(r < cols - t * TILE_N, BIAS, float("-inf"))
@@ -766,40 +866,42 @@ def _regular_step(q, kbase, vbase, seg_row, seg_first, t, cols, r, skl, svl, dd,
 
 
 @triton.jit
-def _regular_loop(q, kbase, vbase, seg_row, seg_first, ntiles, blocks, r, skl, svl, dd, scale, m_i, l_i, acc,
+def _regular_loop(q, kbase, vbase, seg_row, seg_first, ntiles, blocks, r, skl, svl, dd, Perm, scale, m_i, l_i, acc,
                   P: tl.constexpr, N: tl.constexpr, TILE_N: tl.constexpr, PACKED: tl.constexpr,
-                  LOOP_STAGES: tl.constexpr, FOLD: tl.constexpr):
+                  LOOP_STAGES: tl.constexpr, FOLD: tl.constexpr, GATHER: tl.constexpr = False):
     """The regular tiles of level P: every column stands for P real keys (bias log2 P), up
     to the level's ``blocks`` key blocks (the last tile of a folded packed level may end in
-    empty slots)."""
+    empty slots). GATHER: level 1 read in place through Perm (:func:`_regular_tile`)."""
     SEG_LEN: tl.constexpr = N // P
     PER_TILE: tl.constexpr = TILE_N // SEG_LEN if PACKED else 1
     BIAS: tl.constexpr = 0.0 if P == 1 else (1.0 if P == 2 else (2.0 if P == 4 else 3.0))
     cols = blocks * SEG_LEN
     if LOOP_STAGES > 0:  # the loop's own pipelining also prefetches the segment starts
         for t in tl.range(0, ntiles, num_stages=LOOP_STAGES):
-            m_i, l_i, acc = _regular_step(q, kbase, vbase, seg_row, seg_first, t, cols, r, skl, svl, dd, scale,
-                                          m_i, l_i, acc, SEG_LEN, TILE_N, PER_TILE, BIAS, FOLD)
+            m_i, l_i, acc = _regular_step(q, kbase, vbase, seg_row, seg_first, t, cols, r, skl, svl, dd, Perm, scale,
+                                          m_i, l_i, acc, SEG_LEN, TILE_N, PER_TILE, BIAS, FOLD, GATHER)
     else:
         for t in range(0, ntiles):
-            m_i, l_i, acc = _regular_step(q, kbase, vbase, seg_row, seg_first, t, cols, r, skl, svl, dd, scale,
-                                          m_i, l_i, acc, SEG_LEN, TILE_N, PER_TILE, BIAS, FOLD)
+            m_i, l_i, acc = _regular_step(q, kbase, vbase, seg_row, seg_first, t, cols, r, skl, svl, dd, Perm, scale,
+                                          m_i, l_i, acc, SEG_LEN, TILE_N, PER_TILE, BIAS, FOLD, GATHER)
     return m_i, l_i, acc
 
 
 @triton.jit
 def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, Counts, Segs, Perm,
-                         TailBias, HK, HV, HBias,
+                         TailBias, HK, HV, HBias, K1, V1,
                          L, sm_scale_log2, tail_base, nkb, heavy_rows,
                          sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
-                         s_tl, s_seg, s_tb, s_hkb, s_hkh, s_hkl,
+                         s_tl, s_seg, s_tb, s_hkb, s_hkh, s_hkl, s1b, s1h, s1l,
                          H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                          N: tl.constexpr, TILE_N: tl.constexpr, PACKED: tl.constexpr,
                          HAS_PERM: tl.constexpr, LOOP_STAGES: tl.constexpr, FOLD: tl.constexpr,
-                         TAIL: tl.constexpr, HEAVY: tl.constexpr):
+                         TAIL: tl.constexpr, HEAVY: tl.constexpr, SRC_L1: tl.constexpr):
     # Branch-free loops, so that loads pipeline: the regular tiles of each level in a loop of
     # their own (segment length and bias known at compile time), then the masked tiles
     # (empty slots or the partial last block: masked loads and the per-row ln(count) bias).
+    # With SRC_L1 level 1 is read in place from the caller's keys and values K1, V1 (strides
+    # s1*, shared), in the arranged order through Perm.
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -815,6 +917,16 @@ def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, Counts, Segs,
     q = tl.load(Q + b * sqb + h * sqh + src[:, None] * sql + dd[None, :], mask=qmask[:, None], other=0.0)
     kbase = KP + b * skb + h * skh
     vbase = VP + b * svb + h * svh
+    if SRC_L1:
+        k1base = K1 + b * s1b + h * s1h
+        v1base = V1 + b * s1b + h * s1h
+        k1l = s1l
+        v1l = s1l
+    else:
+        k1base = kbase
+        v1base = vbase
+        k1l = skl
+        v1l = svl
     seg_row = Segs + row * s_seg
     tiles = row * s_tl
     r = tl.arange(0, TILE_N)
@@ -824,20 +936,22 @@ def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, Counts, Segs,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     scale = sm_scale_log2
-    m_i, l_i, acc = _regular_loop(q, kbase, vbase, seg_row, 0, tl.load(rec + 0), tl.load(rec + 8), r, skl, svl,
-                                  dd, scale, m_i, l_i, acc, 1, N, TILE_N, PACKED, LOOP_STAGES, FOLD)
+    m_i, l_i, acc = _regular_loop(q, k1base, v1base, seg_row, 0, tl.load(rec + 0), tl.load(rec + 8), r, k1l, v1l,
+                                  dd, Perm, scale, m_i, l_i, acc, 1, N, TILE_N, PACKED, LOOP_STAGES, FOLD,
+                                  SRC_L1 and HAS_PERM)
     m_i, l_i, acc = _regular_loop(q, kbase, vbase, seg_row, tl.load(rec + 5), tl.load(rec + 1), tl.load(rec + 9), r,
-                                  skl, svl, dd, scale, m_i, l_i, acc, 2, N, TILE_N, PACKED, LOOP_STAGES, FOLD)
+                                  skl, svl, dd, Perm, scale, m_i, l_i, acc, 2, N, TILE_N, PACKED, LOOP_STAGES, FOLD)
     m_i, l_i, acc = _regular_loop(q, kbase, vbase, seg_row, tl.load(rec + 6), tl.load(rec + 2), tl.load(rec + 10),
-                                  r, skl, svl, dd, scale, m_i, l_i, acc, 4, N, TILE_N, PACKED, LOOP_STAGES, FOLD)
+                                  r, skl, svl, dd, Perm, scale, m_i, l_i, acc, 4, N, TILE_N, PACKED, LOOP_STAGES, FOLD)
     m_i, l_i, acc = _regular_loop(q, kbase, vbase, seg_row, tl.load(rec + 7), tl.load(rec + 3), tl.load(rec + 11),
-                                  r, skl, svl, dd, scale, m_i, l_i, acc, 8, N, TILE_N, PACKED, LOOP_STAGES, FOLD)
+                                  r, skl, svl, dd, Perm, scale, m_i, l_i, acc, 8, N, TILE_N, PACKED, LOOP_STAGES, FOLD)
     # masked tiles: empty slots or the partial last block, masked loads and the per-row
     # ln(count) bias (pipelined by the kernel-wide num_stages; the loop's own pipelining moved
     # the time by -3% to +7% by preset, benchmarks/NOTES.md change 18)
     for t in range(s_tl - tl.load(rec + 4), s_tl):
         m_i, l_i, acc = _masked_step(q, kbase, vbase, Bias, TileLevel + tiles + t, TileSeg + tiles + t, seg_row,
-                                     r, skl, svl, dd, scale, m_i, l_i, acc, N, TILE_N, PACKED)
+                                     r, skl, svl, dd, k1base, v1base, k1l, Perm, L, scale, m_i, l_i, acc,
+                                     N, TILE_N, PACKED, SRC_L1, HAS_PERM)
     if TAIL:  # the means of the skipped blocks, their biases from the schedule
         tb_row = TailBias + row * s_tb
         # two stages: three would add this loop's buffers to the program's shared memory and
@@ -922,16 +1036,22 @@ def attention_triton(q: torch.Tensor, pyr: Pyramid, sched: Schedule, m: int,
     hk, hv, hbias = (pyr.heavy_k, pyr.heavy_v, sched.heavy_bias) if heavy else (pyr.k, pyr.v, sched.counts)
     if heavy and (hk.stride() != hv.stride() or hk.stride(-1) != 1):
         raise ValueError("heavy keys and values must share one layout with unit stride along the head dim")
+    in_place = pyr.source is not None
+    k1, v1 = pyr.source if in_place else (pyr.k, pyr.v)
+    if in_place and (k1.stride() != v1.stride() or k1.stride(-1) != 1):
+        raise ValueError("keys and values read in place must share one layout with unit stride along the head dim")
+    if in_place and pyr.perm is not perm:
+        raise ValueError("a pyramid reading level 1 in place needs the perm it was built with")
     _pyramid_attn_kernel[(nqb, B * H)](
         q, pyr.k, pyr.v, pyr.bias, out, sched.tile_level, sched.tile_seg, sched.counts,
-        sched.segs, perm if perm is not None else sched.counts, tb, hk, hv, hbias, L, sm_scale_log2,
+        sched.segs, perm if perm is not None else sched.counts, tb, hk, hv, hbias, k1, v1, L, sm_scale_log2,
         pyr.base.get(0, 0), nkb if tail else 0, hk.shape[2] if heavy else 0,
         q.stride(0), q.stride(1), q.stride(2), pyr.k.stride(0), pyr.k.stride(1), pyr.k.stride(2),
         pyr.v.stride(0), pyr.v.stride(1), pyr.v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         sched.tile_level.stride(2), sched.segs.stride(2), tb.shape[-1] if tail else 0,
-        hk.stride(0), hk.stride(1), hk.stride(2),
+        hk.stride(0), hk.stride(1), hk.stride(2), k1.stride(0), k1.stride(1), k1.stride(2),
         H=H, D=D, BLOCK_M=m, N=pyr.n, TILE_N=sched.tile_n, PACKED=sched.packed, HAS_PERM=perm is not None,
-        FOLD=sched.folded, TAIL=tail, HEAVY=heavy,
+        FOLD=sched.folded, TAIL=tail, HEAVY=heavy, SRC_L1=in_place,
         LOOP_STAGES=cfg.loop_stages if loop_stages is None else loop_stages,
         num_warps=num_warps or cfg.num_warps, num_stages=num_stages or cfg.num_stages,
         **({"maxnreg": mr} if (mr := _register_cap(cfg, num_warps, maxnreg)) else {}))

@@ -89,12 +89,18 @@ def variants(arch: int = 90):
     yield ("topk set levels cuts=4 cand=1024", levels._topk_set_kernel,
            {"Scratch": "i64", "Nset": "i32", "Cuts": "i64", "Table": "i64", "Out": "i8"}, (),
            dict(NCUT=4, CAND=1024, SAMPLE=levels.PIVOT_SAMPLE), {"num_warps": levels.SET_WARPS})
-    for with_sim, with_pyramid in ((False, True), (True, True), (True, False)):
-        yield (f"pyramid build sim={with_sim} pyramid={with_pyramid}", pyramid._pyramid_build_kernel,
+    # (similarity, pyramid, level 1 copied, pooled levels, level 8)
+    for with_sim, with_pyramid, level1, pooled, level8 in ((False, True, True, True, True),
+                                                           (True, True, True, True, True),
+                                                           (True, False, False, False, False),
+                                                           (False, True, False, True, True),
+                                                           (False, True, False, False, True)):
+        yield (f"pyramid build sim={with_sim} pyramid={with_pyramid} level1={level1} pooled={pooled}",
+               pyramid._pyramid_build_kernel,
                {"K": "bf16", "V": "bf16", "KP": "bf16", "VP": "bf16", "Bias": "fp32",
                 "SimSum": "fp32", "SimCnt": "fp32", "Perm": "i64"}, (),
                dict(H=12, D=128, CH=pyramid.BUILD_CHUNK, WITH_SIM=with_sim, WITH_PYRAMID=with_pyramid,
-                    HAS_PERM=True),
+                    HAS_PERM=True, LEVEL1=level1, POOLED=pooled, LEVEL8=level8),
                {"num_warps": pyramid.BUILD_WARPS})
     for heavy_keys in (False, True):
         yield (f"tail rows heavy={heavy_keys}", pyramid._tail_rows_kernel,
@@ -118,25 +124,28 @@ def variants(arch: int = 90):
                dict(N=n, NKB=nkb, **{f"PT{p}": pt[p] for p in pt}, **{f"SP{p}": sp[p] for p in sp},
                     AM1=False, AM2=False, AM4=False, AM8=False, FOLD=True, TCH=pyramid.SCHEDULE_CHUNK),
                {})
-    for m, n, packed, d, fold, tail, heavy in (
-            (128, 128, True, 128, True, False, False), (128, 64, True, 128, True, False, False),
-            (128, 32, True, 128, True, False, False), (128, 32, True, 128, False, False, False),
-            (128, 128, False, 128, True, False, False), (64, 64, True, 64, True, False, False),
-            (128, 64, True, 256, True, False, False), (128, 64, True, 128, True, True, False),
-            (128, 128, True, 128, True, True, False), (128, 32, True, 128, True, True, False),
-            (128, 64, True, 128, True, True, True), (128, 32, True, 128, True, False, True)):
+    # level 1 read in place (what the API launches) and copied (the torch-built pyramids)
+    for m, n, packed, d, fold, tail, heavy, in_place in (
+            (128, 128, True, 128, True, False, False, True), (128, 64, True, 128, True, False, False, True),
+            (128, 32, True, 128, True, False, False, True), (128, 32, True, 128, False, False, False, False),
+            (128, 128, False, 128, True, False, False, True), (64, 64, True, 64, True, False, False, True),
+            (128, 64, True, 256, True, False, False, True), (128, 64, True, 128, True, True, False, True),
+            (128, 128, True, 128, True, True, False, True), (128, 32, True, 128, True, True, False, True),
+            (128, 64, True, 128, True, True, True, True), (128, 32, True, 128, True, False, True, True),
+            (128, 64, True, 128, True, False, False, False), (128, 64, True, 128, True, True, True, False)):
         tile_n = pyramid.tile_width(n)
         launch = kernel_launch_config(m, tile_n, packed, d, major=arch // 10)
         options = {"num_warps": launch.num_warps, "num_stages": launch.num_stages}
         if launch.maxnreg:
             options["maxnreg"] = launch.maxnreg
-        yield (f"attention m{m} n{n} packed={packed} d{d} fold={fold} tail={tail} heavy={heavy}",
+        yield (f"attention m{m} n{n} packed={packed} d{d} fold={fold} tail={tail} heavy={heavy} in_place={in_place}",
                pyramid._pyramid_attn_kernel,
                {"Q": "bf16", "KP": "bf16", "VP": "bf16", "Bias": "fp32", "Out": "bf16", "TileLevel": "i32",
                 "TileSeg": "i32", "Counts": "i32", "Segs": "i32", "Perm": "i64",
-                "TailBias": "fp16", "HK": "bf16", "HV": "bf16", "HBias": "fp16"}, ("sm_scale_log2",),
+                "TailBias": "fp16", "HK": "bf16", "HV": "bf16", "HBias": "fp16", "K1": "bf16", "V1": "bf16"},
+               ("sm_scale_log2",),
                dict(H=12, D=d, BLOCK_M=m, N=n, TILE_N=tile_n, PACKED=packed, HAS_PERM=True,
-                    LOOP_STAGES=launch.loop_stages, FOLD=fold, TAIL=tail, HEAVY=heavy),
+                    LOOP_STAGES=launch.loop_stages, FOLD=fold, TAIL=tail, HEAVY=heavy, SRC_L1=in_place),
                options)
 
 

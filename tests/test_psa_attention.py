@@ -416,7 +416,7 @@ def test_default_heads_per_pass_reads_the_allocator_then_the_driver(monkeypatch)
             return 2
 
     cfg = _cfg({1: [0, .1], 0: [.1, 1]}, "topk", m=128, n=64)
-    per_head = max(pyramid.attention_bytes_per_head(1, 32760, 128, 2, 128, 64, True),
+    per_head = max(pyramid.attention_bytes_per_head(1, 32760, 128, 2, 128, 64, True, **api.pyramid_layout(cfg)),
                    estimate.scratch_bytes_per_head(1, 32760, 128, 64))
     cached, driver = [12 * per_head * 2], [0]
 

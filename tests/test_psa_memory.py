@@ -49,7 +49,8 @@ def card(monkeypatch, batch: int, cache_slack: int = 256 << 20) -> int:
 
 def per_head(cfg, batch: int) -> int:
     m, n = cfg.block_size.m, cfg.block_size.n
-    return max(pyramid.attention_bytes_per_head(batch, TOKENS, HEAD_DIM, 2, m, n, cfg.attn_impl == "new_mask_type"),
+    return max(pyramid.attention_bytes_per_head(batch, TOKENS, HEAD_DIM, 2, m, n, cfg.attn_impl == "new_mask_type",
+                                                **api.pyramid_layout(cfg)),
                estimate.scratch_bytes_per_head(batch, TOKENS, m, n))
 
 

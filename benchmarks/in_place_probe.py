@@ -1,0 +1,101 @@
+"""Level 1 read in place against a pyramid that copies it: time and memory of a call.
+
+    python3 benchmarks/in_place_probe.py             # GPU: 480p x 12 heads and 720p x 40 heads
+
+For the shipped Wan presets, on the medium regime of bench_peers.py, two layouts of the Triton
+pyramid: ``copy`` (level 1 copied into the pyramid buffer, every pooled level written: the
+layout before NOTES.md change 38) and ``in place`` (what psa_attention does now: level 1 read
+from k and v through the arranged order, pooled levels only for presets whose level map can
+use them). Per preset and layout: the whole call, the pyramid build and the attention kernel
+(do_bench medians), the call's peak memory beyond a dense SDPA call over the size of q+k+v, and
+how far the two layouts' outputs are apart (relative L2; they compute the same sums).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from psa_kernels import api, load_attention_config, psa_attention, psa_plan, pyramid  # noqa: E402
+from psa_kernels.synthetic import relative_l2  # noqa: E402
+from bench_peers import REGIMES, SHAPES, make_inputs  # noqa: E402
+
+PRESETS = {"480p": ("Wan2.1_1.3b", ("psa_fast", "psa_precise", "psa_quality", "psa_balanced")),
+           "720p": ("Wan2.1_14b", ("psa_fast", "psa_precise", "psa_quality", "psa_balanced"))}
+COPY = {"level1": True, "pooled": True}
+IN_PLACE = api.pyramid_layout
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=80, return_mode="median")
+
+
+def peak_bytes(fn) -> int:
+    """Device memory a call allocates at its peak, beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def layouts():
+    """(name, pyramid_layout replacement) of the two layouts."""
+    def copy(cfg, k=None, v=None):
+        return {**IN_PLACE(cfg, k, v), **COPY}
+    return (("copy", copy), ("in place", IN_PLACE))
+
+
+def main():
+    dev = torch.device("cuda")
+    sections = load_attention_config(REPO / "configs" / "attention_config.yaml")
+    for shape in ("480p", "720p"):
+        grid, heads = SHAPES[shape]
+        q, k, v, _ = make_inputs(shape, REGIMES["medium"], dev, torch.bfloat16)
+        B, L, _ = q.shape
+        qh, kh, vh = (t.view(B, L, heads, -1).transpose(1, 2) for t in (q, k, v))
+        qkv_bytes = 3 * q.numel() * q.element_size()
+        qc, kc, vc = (t.contiguous() for t in (qh, kh, vh))
+        dense_ms = bench(lambda: F.scaled_dot_product_attention(qc, kc, vc))
+        dense_peak = peak_bytes(lambda: F.scaled_dot_product_attention(qh, kh, vh))
+        del qc, kc, vc
+        section, names = PRESETS[shape]
+        print(f"\n{shape} x {heads} heads (L = {L}), {section}; dense cuDNN {dense_ms:.3f} ms")
+        print(f"{'preset':14s} {'layout':9s} {'call ms':>8s} {'vs dense':>8s} {'build':>7s} {'kernel':>7s} "
+              f"{'mem/qkv':>8s} {'rows':>9s} {'out diff':>9s}")
+        for name in names:
+            cfg = sections[section].attention_configs[name]
+            outs = {}
+            for label, layout in layouts():
+                api.pyramid_layout = layout
+                try:
+                    plan = psa_plan(qh, kh, cfg, grid, v=vh)
+                    pyr = plan.pyramid
+                    sched = pyramid.build_schedule(plan.levels, pyr, packed=cfg.attn_impl == "new_mask_type")
+                    opts = layout(cfg, kh, vh)
+                    t_build = bench(lambda: pyramid.build_pyramid_triton(kh, vh, cfg.block_size.n, L, perm=plan.perm,
+                                                                         heavy=plan.heavy, **opts))
+                    t_kern = bench(lambda: pyramid.attention_triton(qh, pyr, sched, cfg.block_size.m, perm=plan.perm))
+                    t_call = bench(lambda: psa_attention(qh, kh, vh, cfg, grid))
+                    outs[label] = psa_attention(qh, kh, vh, cfg, grid)
+                    del plan, pyr, sched
+                    torch.cuda.empty_cache()
+                    mem = (peak_bytes(lambda: psa_attention(qh, kh, vh, cfg, grid)) - dense_peak) / qkv_bytes
+                    rows = pyramid.pyramid_rows(-(-L // cfg.block_size.n), cfg.block_size.n, cfg.use_pooled_tail,
+                                                opts["level1"], opts["pooled"])
+                finally:
+                    api.pyramid_layout = IN_PLACE
+                diff = relative_l2(outs[label], outs["copy"]) if label != "copy" else 0.0
+                print(f"{name:14s} {label:9s} {t_call:8.3f} {dense_ms / t_call:7.2f}x {t_build:7.3f} {t_kern:7.3f} "
+                      f"{mem:+8.2f} {rows:9d} {diff:9.2e}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
