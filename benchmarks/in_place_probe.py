@@ -2,11 +2,12 @@
 
     python3 benchmarks/in_place_probe.py             # GPU: 480p x 12 heads and 720p x 40 heads
 
-For the shipped Wan presets, on the medium regime of bench_peers.py, two layouts of the Triton
-pyramid: ``copy`` (level 1 copied into the pyramid buffer, every pooled level written: the
-layout before NOTES.md change 38) and ``in place`` (what psa_attention does now: level 1 read
-from k and v through the arranged order, pooled levels only for presets whose level map can
-use them). Per preset and layout: the whole call, the pyramid build and the attention kernel
+For the shipped Wan presets, on the medium regime of bench_peers.py, three layouts of the Triton
+pyramid: ``all`` (level 1 copied into the pyramid buffer, every pooled level written: the
+layout before NOTES.md change 38), ``copy`` (level 1 copied, pooled levels only for presets
+whose level map can use them: psa_attention's choice when memory is ample) and ``in place``
+(level 1 read from k and v through the arranged order: its choice when memory is short). Per
+preset and layout: the whole call, the pyramid build and the attention kernel
 (do_bench medians), the call's peak memory beyond a dense SDPA call over the size of q+k+v, and
 how far the two layouts' outputs are apart (relative L2; they compute the same sums).
 """
@@ -28,8 +29,7 @@ from bench_peers import REGIMES, SHAPES, make_inputs  # noqa: E402
 
 PRESETS = {"480p": ("Wan2.1_1.3b", ("psa_fast", "psa_precise", "psa_quality", "psa_balanced")),
            "720p": ("Wan2.1_14b", ("psa_fast", "psa_precise", "psa_quality", "psa_balanced"))}
-COPY = {"level1": True, "pooled": True}
-IN_PLACE = api.pyramid_layout
+LAYOUT = api.pyramid_layout
 
 
 def bench(fn) -> float:
@@ -47,10 +47,16 @@ def peak_bytes(fn) -> int:
 
 
 def layouts():
-    """(name, pyramid_layout replacement) of the two layouts."""
-    def copy(cfg, k=None, v=None):
-        return {**IN_PLACE(cfg, k, v), **COPY}
-    return (("copy", copy), ("in place", IN_PLACE))
+    """(name, pyramid_layout replacement) of the three layouts."""
+    def every_level(cfg, k=None, v=None, in_place=False):
+        return {**LAYOUT(cfg, k, v), "pooled": True}
+
+    def copy(cfg, k=None, v=None, in_place=False):
+        return LAYOUT(cfg, k, v)
+
+    def in_place(cfg, k=None, v=None, in_place=False):
+        return LAYOUT(cfg, k, v, True)
+    return (("all", every_level), ("copy", copy), ("in place", in_place))
 
 
 def main():
@@ -91,8 +97,8 @@ def main():
                     rows = pyramid.pyramid_rows(-(-L // cfg.block_size.n), cfg.block_size.n, cfg.use_pooled_tail,
                                                 opts["level1"], opts["pooled"])
                 finally:
-                    api.pyramid_layout = IN_PLACE
-                diff = relative_l2(outs[label], outs["copy"]) if label != "copy" else 0.0
+                    api.pyramid_layout = LAYOUT
+                diff = relative_l2(outs[label], outs["all"])
                 print(f"{name:14s} {label:9s} {t_call:8.3f} {dense_ms / t_call:7.2f}x {t_build:7.3f} {t_kern:7.3f} "
                       f"{mem:+8.2f} {rows:9d} {diff:9.2e}", flush=True)
 

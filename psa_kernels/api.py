@@ -102,13 +102,16 @@ def _unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def pyramid_layout(cfg: PSAConfig, k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> dict:
+def pyramid_layout(cfg: PSAConfig, k: torch.Tensor | None = None, v: torch.Tensor | None = None,
+                   in_place: bool = False) -> dict:
     """What the Triton pyramid of a preset holds (:func:`pyramid.build_pyramid_triton`'s
     ``tail``, ``level1`` and ``pooled``): the tail when the preset has one, the pooled levels
-    only when its level map can use them, and no copy of level 1 (the kernel reads k and v in
-    place) unless k and v differ in layout. Without k and v: the layout when they agree."""
-    in_place = k is None or v is None or k.stride() == v.stride()
-    return {"tail": cfg.use_pooled_tail, "level1": not in_place, "pooled": cfg.uses_pooled_levels}
+    only when its level map can use them, and a copy of level 1 in the arranged order unless
+    ``in_place`` (the kernel then reads k and v where they are: a smaller pyramid, a slower
+    kernel, benchmarks/NOTES.md change 38) and k and v share one layout (without k and v:
+    as if they do)."""
+    same = k is None or v is None or k.stride() == v.stride()
+    return {"tail": cfg.use_pooled_tail, "level1": not (in_place and same), "pooled": cfg.uses_pooled_levels}
 
 
 def kernel_head_dim(head_dim: int) -> bool:
@@ -142,11 +145,12 @@ def _pick_backend(q: torch.Tensor, backend: str) -> str:
 
 def psa_plan(q: torch.Tensor, k: torch.Tensor, cfg: PSAConfig, grid, text_len: int = 0,
              text_first: bool = False, backend: str = "auto", v: torch.Tensor | None = None,
-             heads_per_pass: int | None = None) -> PSAPlan:
+             heads_per_pass: int | None = None, in_place: bool = False) -> PSAPlan:
     """Layout, block estimate, level assignment and similarity guard, without the attention.
 
     Given ``v`` too, the Triton path keeps the key/value pyramid it builds for the guard, so
-    psa_attention(..., plan=plan) does not build it again. ``heads_per_pass`` bounds the heads
+    psa_attention(..., plan=plan) does not build it again (``in_place``: a pyramid that reads
+    level 1 from k and v, see :func:`pyramid_layout`). ``heads_per_pass`` bounds the heads
     whose estimate scratch exists at one time (default: all)."""
     keep_pyramid = v is not None
     _check_inputs(q, k, k if v is None else v, cfg, grid, text_len)
@@ -177,7 +181,7 @@ def psa_plan(q: torch.Tensor, k: torch.Tensor, cfg: PSAConfig, grid, text_len: i
             v = _unit_stride(v) if keep_pyramid else None
             pyr, sim = pyramid.build_pyramid_triton(k, v, n, L, cfg.use_sim_mask, perm,
                                                     heavy=heavy if keep_pyramid else None,
-                                                    **pyramid_layout(cfg, k, v if keep_pyramid else k))
+                                                    **pyramid_layout(cfg, k, v if keep_pyramid else k, in_place))
     else:
         qa, ka = arrange(q, perm), arrange(k, perm)
         scores = (estimate.estimate_block_mean(qa, ka, m, n, triton_means=False) if cfg.estimate_method == "block_mean"
@@ -218,12 +222,16 @@ def psa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PSACon
         pairs = B * H * math.ceil(L / cfg.block_size.m) * math.ceil(L / cfg.block_size.n)
         return out, PSAStats(1.0, torch.ones(H), {1: pairs, 2: 0, 4: 0, 8: 0, 0: 0})
     H = q.shape[1]
-    group = min(H, heads_per_pass or _heads_that_fit(q, cfg))
+    if heads_per_pass:  # the caller saves memory: level 1 read in place as well
+        group = min(H, heads_per_pass)
+        in_place = group < H
+    else:
+        group, in_place = _passes(q, cfg)
     if plan is None:
         plan = psa_plan(q, k, cfg, grid, text_len, text_first, backend, v=v if group == H else None,
-                        heads_per_pass=group)
+                        heads_per_pass=group, in_place=in_place)
     if plan.backend != "triton" or group == H or plan.pyramid is not None:
-        out = _attend(q, k, v, cfg, plan)
+        out = _attend(q, k, v, cfg, plan, in_place=in_place)
     else:
         # The estimate and the levels ran for all heads at once (they hold little memory);
         # the pyramid and the schedule, most of what a call adds, live for one group at a time.
@@ -231,7 +239,7 @@ def psa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PSACon
         for h0 in range(0, H, group):
             heads = slice(h0, h0 + group)
             part = plan.heads(heads)
-            _attend(q[:, heads], k[:, heads], v[:, heads], cfg, part, out[:, heads])
+            _attend(q[:, heads], k[:, heads], v[:, heads], cfg, part, out[:, heads], in_place)
     return (out, plan.stats()) if return_stats else out
 
 
@@ -241,30 +249,42 @@ def heads_that_fit(heads: int, bytes_per_head: int, free_bytes: int) -> int:
     return max(1, min(heads, int(0.9 * free_bytes) // max(1, bytes_per_head)))
 
 
-def _heads_that_fit(q: torch.Tensor, cfg: PSAConfig) -> int:
-    """Heads per pass when the caller names none: all at once (fastest) unless the free device
-    memory is short, so that PSA never runs out of memory where one pass would not fit."""
+def bytes_per_head(q: torch.Tensor, cfg: PSAConfig, in_place: bool) -> int:
+    """Device memory a call adds per head on the Triton path (the pyramid and the schedule, or
+    the estimate's scratch, which is freed before they are made)."""
     B, H, L, D = q.shape
-    if not q.is_cuda:
-        return H
     m, n = cfg.block_size.m, cfg.block_size.n
-    # the estimate's scratch is freed before the pyramid and the schedule are made
-    per_head = max(pyramid.attention_bytes_per_head(B, L, D, q.element_size(), m, n, cfg.attn_impl == "new_mask_type",
-                                                    **pyramid_layout(cfg)),
-                   estimate.scratch_bytes_per_head(B, L, m, n))
+    return max(pyramid.attention_bytes_per_head(B, L, D, q.element_size(), m, n, cfg.attn_impl == "new_mask_type",
+                                                **pyramid_layout(cfg, in_place=in_place)),
+               estimate.scratch_bytes_per_head(B, L, m, n))
+
+
+def _passes(q: torch.Tensor, cfg: PSAConfig) -> tuple[int, bool]:
+    """(heads per pass, level 1 read in place) when the caller names no heads per pass: all
+    heads at once with level 1 copied (fastest) when the free device memory holds that; else
+    level 1 read in place (a smaller pyramid, a slower kernel), all heads at once if they fit,
+    else as many as fit, so that PSA never runs out of memory where one pass would not fit."""
+    H = q.shape[1]
+    if not q.is_cuda:
+        return H, False
+    copy, in_place = bytes_per_head(q, cfg, False), bytes_per_head(q, cfg, True)
     # the nested statistics: torch.cuda.memory_reserved() and memory_allocated() flatten all
     # of them first, which took 0.3 ms a call on the H100 machine's host
     stats = torch.cuda.memory_stats_as_nested_dict(q.device)
     free = stats["reserved_bytes"]["all"]["current"] - stats["allocated_bytes"]["all"]["current"]
-    if heads_that_fit(H, per_head, free) < H:
+    if heads_that_fit(H, copy, free) < H:
         # the allocator's cache (which holds the last call's buffers) is short: add what the
         # driver has free besides
         free += torch.cuda.mem_get_info(q.device)[0]
-    return heads_that_fit(H, per_head, free)
+    if heads_that_fit(H, copy, free) == H:
+        return H, False
+    return heads_that_fit(H, in_place, free), True
 
 
-def _attend(q, k, v, cfg: PSAConfig, plan: PSAPlan, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The pyramid attention of a plan, in the caller's token order."""
+def _attend(q, k, v, cfg: PSAConfig, plan: PSAPlan, out: torch.Tensor | None = None,
+            in_place: bool = False) -> torch.Tensor:
+    """The pyramid attention of a plan, in the caller's token order (``in_place``: see
+    :func:`pyramid_layout`)."""
     m, n = cfg.block_size.m, cfg.block_size.n
     L = q.shape[2]
     if plan.backend == "triton":
@@ -272,7 +292,7 @@ def _attend(q, k, v, cfg: PSAConfig, plan: PSAPlan, out: torch.Tensor | None = N
         if pyr is None:
             k, v = _unit_stride(k), _unit_stride(v)
             pyr, _ = pyramid.build_pyramid_triton(k, v, n, L, perm=plan.perm, heavy=plan.heavy,
-                                                  **pyramid_layout(cfg, k, v))
+                                                  **pyramid_layout(cfg, k, v, in_place))
         sched = pyramid.build_schedule(plan.levels, pyr, packed=cfg.attn_impl == "new_mask_type")
         return pyramid.attention_triton(_unit_stride(q), pyr, sched, m, out=out, perm=plan.perm)
     heavy = plan.heavy

@@ -545,15 +545,19 @@ def _schedule_kernel(Levels, Segs, TileLevel, TileSeg, Counts, nkb, tail_block, 
                      PT1: tl.constexpr, PT2: tl.constexpr, PT4: tl.constexpr, PT8: tl.constexpr,
                      SP1: tl.constexpr, SP2: tl.constexpr, SP4: tl.constexpr, SP8: tl.constexpr,
                      AM1: tl.constexpr, AM2: tl.constexpr, AM4: tl.constexpr, AM8: tl.constexpr,
-                     FOLD: tl.constexpr, TCH: tl.constexpr):
+                     FOLD: tl.constexpr, TCH: tl.constexpr, POOLED: tl.constexpr):
     # One program: one (batch, head, query block) row. Segment positions inside the row are
     # relative (TileSeg holds row-relative offsets), so rows never look at each other.
     # One scan ranks every block within its level: the four levels' indicators are packed
-    # into 16-bit fields of one int64 (a row has fewer than 2**16 key blocks).
+    # into 16-bit fields of one int64 (a row has fewer than 2**16 key blocks). Without POOLED
+    # (a pyramid of level 1 only, its schedule sized for that) a pooled pair counts as skipped,
+    # so that no level map writes past the buffers.
     row = tl.program_id(0)
     kb = tl.arange(0, NKB)
     inside = kb < nkb
     lv = tl.load(Levels + row * s_lv + kb, mask=inside, other=0).to(tl.int32)
+    if not POOLED:
+        lv = tl.where(lv == 1, 1, 0)
     shift = _pick(lv, 0, 16, 32, 48).to(tl.int64)
     ind = tl.where((lv != 0) & inside, tl.full([NKB], 1, tl.int64) << shift, 0)
     rank = tl.cumsum(ind, 0)
@@ -572,6 +576,8 @@ def _schedule_kernel(Levels, Segs, TileLevel, TileSeg, Counts, nkb, tail_block, 
     tl.store(segs + seg_at + pos, first_row, mask=(lv != 0) & inside)
     tail_lv = tl.load(Levels + row * s_lv + tl.maximum(tail_block, 0)).to(tl.int32)
     tail_lv = tl.where(tail_block >= 0, tail_lv, 0)
+    if not POOLED:
+        tail_lv = tl.where(tail_lv == 1, 1, 0)
     tlev = TileLevel + row * s_tile
     tseg = TileSeg + row * s_tile
     last = s_tile - 1
@@ -596,15 +602,16 @@ def _schedule_kernel(Levels, Segs, TileLevel, TileSeg, Counts, nkb, tail_block, 
     tl.store(rec + 11, c8)
 
 
-def _schedule_shape(nkb: int, n: int, packed: bool, tn: int):
+def _schedule_shape(nkb: int, n: int, packed: bool, tn: int, held: tuple = LEVEL_ORDER):
     """Segments per tile, tiles per segment and the most tiles of each level, and the
-    worst-case segment and tile slots of one schedule row."""
+    worst-case segment and tile slots of one schedule row whose levels are among ``held``."""
     shapes = {p: level_split(n, p, tn, packed) for p in LEVEL_ORDER}
     per_tile = {p: shapes[p][0] for p in LEVEL_ORDER}
     split = {p: shapes[p][1] for p in LEVEL_ORDER}
     groups = {p: -(-nkb // per_tile[p]) for p in LEVEL_ORDER}
     max_t = {p: groups[p] * split[p] for p in LEVEL_ORDER}
-    return per_tile, split, max_t, sum(groups[p] * per_tile[p] for p in LEVEL_ORDER), sum(max_t.values())
+    return (per_tile, split, max_t, sum(groups[p] * per_tile[p] for p in held),
+            sum(max_t[p] for p in held))
 
 
 def pyramid_rows(nkb: int, n: int, tail: bool = False, level1: bool = True, pooled: bool = True) -> int:
@@ -618,7 +625,7 @@ def attention_bytes_per_head(B: int, L: int, D: int, element_size: int, m: int, 
                              tail: bool = False, level1: bool = True, pooled: bool = True) -> int:
     """Device memory the pyramid and the tile schedule of one head take (B batch entries)."""
     nkb, nqb = -(-L // n), -(-L // m)
-    _, _, _, max_segs, max_tiles = _schedule_shape(nkb, n, packed, tile_width(n))
+    _, _, _, max_segs, max_tiles = _schedule_shape(nkb, n, packed, tile_width(n), LEVEL_ORDER if pooled else (1,))
     rows = pyramid_rows(nkb, n, tail, level1, pooled)
     biases = nqb * (-(-nkb // TILE_WIDTH) * TILE_WIDTH if tail else 0) * 4  # the schedule's tail bias, at most
     return B * (2 * rows * D * element_size + nqb * (max_segs + 2 * max_tiles + len(COUNT_FIELDS)) * 4 + biases)
@@ -639,7 +646,8 @@ def build_schedule(levels: torch.Tensor, pyr: Pyramid, packed: bool, tile_n: int
         raise ValueError(f"{nkb} key blocks in a row; allowed: fewer than {1 << 16} (a larger block_size.n)")
     n = pyr.n
     tn = tile_n or tile_width(n)
-    per_tile, split, _, max_segs, max_tiles = _schedule_shape(nkb, n, packed, tn)
+    # sized for the levels the pyramid holds: a level-1 pyramid's schedule is a quarter of the size
+    per_tile, split, _, max_segs, max_tiles = _schedule_shape(nkb, n, packed, tn, pyr.levels_held)
     dev = levels.device
     lv = levels.reshape(B * H * nqb, nkb)
     if lv.stride(-1) != 1:
@@ -658,17 +666,29 @@ def build_schedule(levels: torch.Tensor, pyr: Pyramid, packed: bool, tile_n: int
         PT1=per_tile[1], PT2=per_tile[2], PT4=per_tile[4], PT8=per_tile[8],
         SP1=split[1], SP2=split[2], SP4=split[4], SP8=split[8],
         AM1=always_masked[1], AM2=always_masked[2], AM4=always_masked[4], AM8=always_masked[8],
-        FOLD=fold, TCH=SCHEDULE_CHUNK, num_warps=num_warps or (1 if nkb <= 512 else 4))
+        FOLD=fold, TCH=SCHEDULE_CHUNK, POOLED=len(pyr.levels_held) > 1,
+        num_warps=num_warps or (1 if nkb <= 512 else 4))
     tail_bias, heavy_bias = _column_biases(lv, pyr, (B, H, nqb, nkb))
     return Schedule(tile_level, tile_seg, counts, segs, tn, packed, fold, tail_bias, heavy_bias)
 
 
 @triton.jit
+def _skips(lv, POOLED: tl.constexpr):
+    """Whether pairs of level lv are skipped (level 0; without POOLED every level but 1)."""
+    if POOLED:
+        return lv == 0
+    else:
+        return lv != 1
+
+
+@triton.jit
 def _column_bias_kernel(Levels, TailLn, HBlock, TailOut, HeavyOut, nkb, nqb, s_lv, s_tln, s_hb, tail_cols,
-                        heavy_rows, TAIL: tl.constexpr, HEAVY: tl.constexpr, CH: tl.constexpr):
+                        heavy_rows, TAIL: tl.constexpr, HEAVY: tl.constexpr, CH: tl.constexpr,
+                        POOLED: tl.constexpr):
     # One program: one (batch, head, query block) row of the level map. The attention kernel then
     # reads one bias vector per tail or heavy tile instead of the level map and the counts
-    # (two loads and a gather a tile: benchmarks/NOTES.md, change 35).
+    # (two loads and a gather a tile: benchmarks/NOTES.md, change 35). Without POOLED a pooled
+    # pair is skipped, as the schedule kernel has it.
     row = tl.program_id(0)
     bh = row // nqb
     lv_row = Levels + row * s_lv
@@ -677,7 +697,7 @@ def _column_bias_kernel(Levels, TailLn, HBlock, TailOut, HeavyOut, nkb, nqb, s_l
         for c0 in range(0, tail_cols, CH):
             kb = c0 + c
             inside = kb < nkb
-            skipped = (tl.load(lv_row + kb, mask=inside, other=1) == 0) & inside
+            skipped = _skips(tl.load(lv_row + kb, mask=inside, other=1), POOLED) & inside
             ln = tl.load(TailLn + bh * s_tln + kb, mask=skipped, other=0.0)
             tl.store(TailOut + row * tail_cols + kb, tl.where(skipped, ln * 1.4426950408889634, float("-inf"))
                      .to(TailOut.dtype.element_ty))
@@ -686,7 +706,7 @@ def _column_bias_kernel(Levels, TailLn, HBlock, TailOut, HeavyOut, nkb, nqb, s_l
             i = c0 + c
             blk = tl.load(HBlock + bh * s_hb + i)
             real = blk >= 0
-            skipped = (tl.load(lv_row + tl.maximum(blk, 0), mask=real, other=1) == 0) & real
+            skipped = _skips(tl.load(lv_row + tl.maximum(blk, 0), mask=real, other=1), POOLED) & real
             tl.store(HeavyOut + row * heavy_rows + i,
                      tl.where(skipped, 0.0, float("-inf")).to(HeavyOut.dtype.element_ty))
 
@@ -714,7 +734,7 @@ def _column_biases(lv: torch.Tensor, pyr: Pyramid, shape) -> tuple[torch.Tensor 
     _column_bias_kernel[(B * H * nqb,)](
         lv, tln, hb, tail if tail is not None else lv, heavy if heavy is not None else lv, nkb, nqb, lv.stride(0),
         s_tln, heavy_rows, tail_cols, heavy_rows, TAIL=pyr.has_tail, HEAVY=pyr.has_heavy, CH=TILE_WIDTH,
-        num_warps=1)
+        POOLED=len(pyr.levels_held) > 1, num_warps=1)
     return tail, heavy
 
 

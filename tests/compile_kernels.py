@@ -113,16 +113,19 @@ def variants(arch: int = 90):
     for tail, heavy_keys in ((True, False), (True, True), (False, True)):
         yield (f"column biases tail={tail} heavy={heavy_keys}", pyramid._column_bias_kernel,
                {"Levels": "i8", "TailLn": "fp32", "HBlock": "i32", "TailOut": "fp16", "HeavyOut": "fp16"}, (),
-               dict(TAIL=tail, HEAVY=heavy_keys, CH=pyramid.TILE_WIDTH), {"num_warps": 1})
+               dict(TAIL=tail, HEAVY=heavy_keys, CH=pyramid.TILE_WIDTH, POOLED=not tail or not heavy_keys),
+               {"num_warps": 1})
     yield ("mean-query logits", heavy_mod._mean_query_logit_kernel, {"K": "bf16", "Qbar": "fp32", "Out": "fp32"}, (),
            dict(H=12, D=128, CH=heavy_mod.LOGIT_ROWS), {"num_warps": 4})
-    for n, nkb in ((32, 1024), (128, 256)):  # packed levels; level-1 blocks split over two tiles
+    # packed levels; level-1 blocks split over two tiles; a level-1 pyramid's schedule
+    for n, nkb, pooled in ((32, 1024, True), (128, 256, True), (64, 2048, False)):
         pt = {p: pyramid.level_split(n, p, 64, True)[0] for p in (1, 2, 4, 8)}
         sp = {p: pyramid.level_split(n, p, 64, True)[1] for p in (1, 2, 4, 8)}
-        yield (f"schedule n{n}", pyramid._schedule_kernel,
+        yield (f"schedule n{n} pooled={pooled}", pyramid._schedule_kernel,
                {"Levels": "i8", "Segs": "i32", "TileLevel": "i32", "TileSeg": "i32", "Counts": "i32"}, (),
                dict(N=n, NKB=nkb, **{f"PT{p}": pt[p] for p in pt}, **{f"SP{p}": sp[p] for p in sp},
-                    AM1=False, AM2=False, AM4=False, AM8=False, FOLD=True, TCH=pyramid.SCHEDULE_CHUNK),
+                    AM1=False, AM2=False, AM4=False, AM8=False, FOLD=True, TCH=pyramid.SCHEDULE_CHUNK,
+                    POOLED=pooled),
                {})
     # level 1 read in place (what the API launches) and copied (the torch-built pyramids)
     for m, n, packed, d, fold, tail, heavy, in_place in (

@@ -406,19 +406,20 @@ def test_heads_per_pass_follow_free_memory():
 
 def test_default_heads_per_pass_reads_the_allocator_then_the_driver(monkeypatch):
     """psa_attention's default: the allocator's cached free bytes first; the driver's free
-    memory is asked for only when the cache cannot hold all heads."""
-    from psa_kernels import api, estimate
+    memory is asked for only when the cache cannot hold all heads with level 1 copied. Short of
+    that, level 1 is read in place, all heads at once if they fit, else as many as fit."""
+    from psa_kernels import api
 
-    class CudaLike:  # the attributes _heads_that_fit reads of q
+    class CudaLike:  # the attributes _passes reads of q
         shape, is_cuda, device = (1, 12, 32760, 128), True, "cuda:0"
 
         def element_size(self):
             return 2
 
-    cfg = _cfg({1: [0, .1], 0: [.1, 1]}, "topk", m=128, n=64)
-    per_head = max(pyramid.attention_bytes_per_head(1, 32760, 128, 2, 128, 64, True, **api.pyramid_layout(cfg)),
-                   estimate.scratch_bytes_per_head(1, 32760, 128, 64))
-    cached, driver = [12 * per_head * 2], [0]
+    cfg = _cfg({1: [0, .1], 0: [.1, 1]}, "topk", m=128, n=64, use_pooled_tail=True)
+    copy, in_place = api.bytes_per_head(CudaLike(), cfg, False), api.bytes_per_head(CudaLike(), cfg, True)
+    assert in_place < copy / 2
+    cached, driver, driver_free = [12 * copy * 2], [0], [0]
 
     def stats(device):
         return {"reserved_bytes": {"all": {"current": cached[0] + 1000}},
@@ -426,14 +427,15 @@ def test_default_heads_per_pass_reads_the_allocator_then_the_driver(monkeypatch)
 
     def mem_get_info(device):
         driver[0] += 1
-        return 3 * per_head, 80 << 30
+        return driver_free[0], 80 << 30
 
     monkeypatch.setattr(torch.cuda, "memory_stats_as_nested_dict", stats)
     monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
-    assert api._heads_that_fit(CudaLike(), cfg) == 12 and driver[0] == 0
-    cached[0] = 2 * per_head  # short: 5 heads' worth with the driver's, 90% of it holds 4
-    assert api._heads_that_fit(CudaLike(), cfg) == 4 and driver[0] == 1
-
+    assert api._passes(CudaLike(), cfg) == (12, False) and driver[0] == 0
+    cached[0], driver_free[0] = 2 * copy, 9 * copy  # 11 heads' worth with the driver's, 90% of it holds 9
+    assert api._passes(CudaLike(), cfg) == (12, True) and driver[0] == 1
+    cached[0], driver_free[0] = 2 * in_place, 3 * in_place  # 5 in-place heads' worth: 90% holds 4
+    assert api._passes(CudaLike(), cfg) == (4, True) and driver[0] == 2
 
 
 @pytest.mark.parametrize("use_sim_mask", [False, True])

@@ -133,19 +133,21 @@ def test_layout_follows_the_preset_and_the_strides(device):
     pooled = _cfg({1: [0.0, 0.1], 2: [0.1, 0.2], 0: [0.2, 1.0]})
     assert not level1.uses_pooled_levels and pooled.uses_pooled_levels
     k = torch.zeros(1, 2, 40, 16, device=device)
-    assert api.pyramid_layout(level1, k, torch.zeros_like(k)) == {"tail": True, "level1": False, "pooled": False}
-    assert api.pyramid_layout(pooled, k, torch.zeros_like(k)) == {"tail": False, "level1": False, "pooled": True}
+    assert api.pyramid_layout(level1, k, torch.zeros_like(k)) == {"tail": True, "level1": True, "pooled": False}
+    assert api.pyramid_layout(level1, k, torch.zeros_like(k), in_place=True) == {
+        "tail": True, "level1": False, "pooled": False}
+    assert api.pyramid_layout(pooled, k, torch.zeros_like(k), True) == {"tail": False, "level1": False, "pooled": True}
     # keys and values of different layouts (values heads-major, keys tokens-major): level 1 copied
     v = torch.zeros(1, 40, 2, 16, device=device).transpose(1, 2)
-    assert api.pyramid_layout(level1, k, v)["level1"] is True
+    assert api.pyramid_layout(level1, k, v, in_place=True)["level1"] is True
 
 
 @pytest.mark.parametrize("ratios,tail", [({1: [0.0, 0.25], 0: [0.25, 1.0]}, True),
                                         ({1: [0.0, 0.2], 2: [0.2, 0.4], 8: [0.4, 0.7], 0: [0.7, 1.0]}, True),
                                         ({1: [0.0, 0.3], 0: [0.3, 1.0]}, False)])
 def test_api_keys_and_values_of_different_layouts(ratios, tail, device):
-    # k and v as separate views of one packed projection, v with other strides than k: the
-    # in-place read needs one layout, so the pyramid copies level 1; both give the reference
+    # v with other strides than k: the in-place read (taken with heads in passes) needs one
+    # layout, so the pyramid copies level 1 there; every way gives the reference
     grid = (2, 4, 6)
     cfg = _cfg(ratios, use_pooled_tail=tail)
     q, k, v = structured_qkv(grid, heads=2, head_dim=16, seed=9, device=device)
@@ -153,6 +155,24 @@ def test_api_keys_and_values_of_different_layouts(ratios, tail, device):
     v_other = v.transpose(1, 2).contiguous().transpose(1, 2)
     assert v_other.stride() != k.stride() and torch.equal(v_other, v)
     for vv in (v, v_other):
-        got = psa_attention(q, k, vv, cfg, grid, backend="triton")
-        _close(got, ref, **KERNEL_TOL)
+        for heads_per_pass in (None, 1):
+            got = psa_attention(q, k, vv, cfg, grid, backend="triton", heads_per_pass=heads_per_pass)
+            _close(got, ref, **KERNEL_TOL)
     assert relative_l2(ref, torch.nn.functional.scaled_dot_product_attention(q, k, v)) > 1e-3
+
+
+def test_level1_pyramid_schedule_is_smaller_and_drops_pooled_pairs(device):
+    # a level-1 pyramid's schedule is sized for level 1 alone; a level map that still holds
+    # pooled pairs (not one a preset without pooled levels makes) has them skipped, not
+    # written past the schedule's buffers
+    L, m, n, D = 330, 64, 32, 16
+    q, k, v = structured_qkv((1, 1, L), heads=2, head_dim=D, seed=23, device=device)
+    levels = _random_levels(1, 2, -(-L // m), -(-L // n), seed=8).to(device)
+    assert int(((levels == 2) | (levels == 4) | (levels == 8)).sum()) > 0
+    full, _ = pyramid.build_pyramid_triton(k, v, n, L, tail=True, level1=False)
+    lean, _ = pyramid.build_pyramid_triton(k, v, n, L, tail=True, level1=False, pooled=False)
+    big = pyramid.build_schedule(levels, full, packed=True)
+    small = pyramid.build_schedule(levels, lean, packed=True)
+    assert small.segs.shape[-1] * 2 <= big.segs.shape[-1] and small.tile_level.shape[-1] * 2 <= big.tile_level.shape[-1]
+    skipped = torch.where(levels == 1, levels, torch.zeros_like(levels))
+    _close(_run(q, lean, levels, m), _pyramid_by_hand(q, k, v, skipped, m, n, tail=True), **KERNEL_TOL)

@@ -1,10 +1,11 @@
 """PSA's extra memory on a 24 GB consumer GPU: Wan 2.1 14B with fp8 weights at 720p x 81 frames
 (40 heads, 75,600 tokens, head dim 128, bf16 activations) on an RTX 4090.
 
-The heads-per-pass rule (psa_kernels.api._heads_that_fit) reads the free memory from torch's
-allocator and the driver; here both are given the numbers such a card has at the first
-self-attention call, and the test checks that the heads PSA works through at once fit in what is
-free, all of them in one pass where they fit (the fastest way), and in groups where they do not.
+The rule for passes (psa_kernels.api._passes) reads the free memory from torch's allocator and
+the driver; here both are given the numbers such a card has at the first self-attention call,
+and the test checks that the heads PSA works through at once fit in what is free: all of them in
+one pass with level 1 copied where that fits (the fastest way), else with level 1 read in place
+(a smaller pyramid), in one pass or in groups.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ CONFIG = Path(__file__).resolve().parent.parent / "configs" / "attention_config.
 
 
 class CudaLike:
-    """The attributes of q that _heads_that_fit reads."""
+    """The attributes of q that _passes reads."""
     is_cuda, device = True, "cuda:0"
 
     def __init__(self, batch: int):
@@ -47,10 +48,10 @@ def card(monkeypatch, batch: int, cache_slack: int = 256 << 20) -> int:
     return cache_slack + driver_free
 
 
-def per_head(cfg, batch: int) -> int:
+def per_head(cfg, batch: int, in_place: bool = False) -> int:
     m, n = cfg.block_size.m, cfg.block_size.n
     return max(pyramid.attention_bytes_per_head(batch, TOKENS, HEAD_DIM, 2, m, n, cfg.attn_impl == "new_mask_type",
-                                                **api.pyramid_layout(cfg)),
+                                                **api.pyramid_layout(cfg, in_place=in_place)),
                estimate.scratch_bytes_per_head(batch, TOKENS, m, n))
 
 
@@ -60,20 +61,23 @@ SECTION = load_attention_config(CONFIG)["Wan2.1_14b"]
 @pytest.mark.parametrize("preset", sorted(name for name, c in SECTION.attention_configs.items() if not c.is_dense))
 def test_wan14b_fp8_720p_on_a_24gb_card(monkeypatch, preset):
     cfg = SECTION.attention_configs[preset]
+    # the pyramid without its copy of level 1 is the smaller
+    assert per_head(cfg, 1, in_place=True) < per_head(cfg, 1)
     # cond and uncond one at a time: PSA's buffers for all 40 heads fit beside the model, one pass
     free = card(monkeypatch, batch=1)
     assert HEADS * per_head(cfg, 1) < 0.9 * free
-    assert api._heads_that_fit(CudaLike(1), cfg) == HEADS
-    # cond and uncond batched (twice the activations and twice the buffers a head): groups of
-    # heads, as many as fit in 90% of what is free, so the call never runs out of memory
+    assert api._passes(CudaLike(1), cfg) == (HEADS, False)
+    # cond and uncond batched (twice the activations and twice the buffers a head): level 1 read
+    # in place, and as many heads at a time as fit in 90% of what is free, so the call never
+    # runs out of memory
     free = card(monkeypatch, batch=2)
-    group = api._heads_that_fit(CudaLike(2), cfg)
-    assert 1 <= group < HEADS
-    assert group * per_head(cfg, 2) <= 0.9 * free < (group + 1) * per_head(cfg, 2)
-    passes = -(-HEADS // group)
-    assert passes >= 2
+    assert HEADS * per_head(cfg, 2) > 0.9 * free
+    group, in_place = api._passes(CudaLike(2), cfg)
+    size = per_head(cfg, 2, in_place=True)
+    assert in_place and 1 <= group <= HEADS
+    assert group * size <= 0.9 * free and (group == HEADS or 0.9 * free < (group + 1) * size)
     # peak with PSA's buffers: within the card
-    assert WEIGHTS + 5 * 2 * TOKENS * WIDTH * 2 + CONTEXT + group * per_head(cfg, 2) < CARD
+    assert WEIGHTS + 5 * 2 * TOKENS * WIDTH * 2 + CONTEXT + group * size < CARD
 
 
 def test_an_80gb_card_takes_every_head_at_once(monkeypatch):
@@ -81,4 +85,4 @@ def test_an_80gb_card_takes_every_head_at_once(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_stats_as_nested_dict", lambda device: {
         "reserved_bytes": {"all": {"current": 20 * GiB}}, "allocated_bytes": {"all": {"current": 20 * GiB}}})
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (58 * GiB, 80 * GiB))
-    assert api._heads_that_fit(CudaLike(2), cfg) == HEADS
+    assert api._passes(CudaLike(2), cfg) == (HEADS, False)
