@@ -450,8 +450,9 @@ def attention_reference(q: torch.Tensor, pyr: Pyramid, levels: torch.Tensor, m: 
 @dataclass
 class Schedule:
     """Per (batch, head, query block): tiles to visit and the segments that fill them."""
-    tile_level: torch.Tensor   # [B, H, nqb, max_tiles] int32: level | sub-tile << SUB_SHIFT
-    tile_seg: torch.Tensor     # [B, H, nqb, max_tiles] int32: first segment of each tile
+    # the masked tiles, from the back: [B, H, nqb, most masked tiles of a row] int32
+    tile_level: torch.Tensor   # level | sub-tile << SUB_SHIFT
+    tile_seg: torch.Tensor     # first segment of each masked tile
     counts: torch.Tensor       # [B, H, nqb, 8] int32: see COUNT_FIELDS
     segs: torch.Tensor         # [B, H, nqb, max_segs] int32: first pyramid row, -1 = empty slot
     tile_n: int                # pyramid rows per tile
@@ -468,10 +469,10 @@ class Schedule:
         return self.counts[..., :5].sum(-1)
 
 
-# Per schedule row: regular tiles of levels 1, 2, 4, 8 (in that order at the front of the
-# tile list), masked tiles (at the back), the first segment of levels 2, 4, 8 (level 1
-# starts at 0) and the key blocks of each level. The kernel finds the segments of the t-th
-# regular tile of level p at seg_p + t * per_tile(p) without reading the tile list; a packed
+# Per schedule row: regular tiles of levels 1, 2, 4, 8, masked tiles (listed in the row's
+# tile list, from its back), the first segment of levels 2, 4, 8 (level 1 starts at 0) and
+# the key blocks of each level. The kernel finds the segments of the t-th regular tile of
+# level p at seg_p + t * per_tile(p) (regular tiles are not listed); a packed
 # level's last regular tile may be partly filled (folded schedules), its real columns being
 # blocks_p * n/p - t * tile_n.
 COUNT_FIELDS = ("regular1", "regular2", "regular4", "regular8", "masked", "seg2", "seg4", "seg8",
@@ -501,19 +502,20 @@ def level_split(n: int, p: int, tile_n: int, packed: bool) -> tuple[int, int]:
 
 
 @triton.jit
-def _schedule_tiles(Segs, TileLevel, TileSeg, cnt, seg_at, reg_at, flag_at, holds_tail, last_tile,
+def _schedule_tiles(Segs, TileLevel, TileSeg, cnt, seg_at, flag_at, holds_tail, last_tile,
                     P: tl.constexpr, PER_TILE: tl.constexpr, SPLIT: tl.constexpr, ALWAYS_MASKED: tl.constexpr,
                     FOLD: tl.constexpr, TCH: tl.constexpr):
     """The tiles of level P, whose ``cnt`` key blocks fill the segment list from ``seg_at``,
     PER_TILE segments a tile (or, when a block is wider than a tile, SPLIT tiles a segment).
 
-    A tile whose columns are whole groups of P real keys is *regular* and goes to the front
-    of the tile list; with FOLD that includes the level's last tile when its only flaw is
-    empty slots at its end (the kernel masks those columns from the level's block count).
-    The others (the last tile of the level when it holds the partial last key block, or,
-    without FOLD, has empty slots; every tile when ALWAYS_MASKED) are *masked* and go to the
-    back, filled from ``last_tile`` down, so the kernel meets each kind in a loop of its own.
-    Empty slots of the last tile get -1. Returns (segment slots, regular tiles, masked tiles)."""
+    A tile whose columns are whole groups of P real keys is *regular*: the kernel finds it from
+    the row's record alone (the t-th regular tile of level P starts at segment seg_P + t /
+    SPLIT * PER_TILE), so it is counted, not listed; with FOLD that includes the level's last
+    tile when its only flaw is empty slots at its end (the kernel masks those columns from the
+    level's block count). The others (the last tile of the level when it holds the partial last
+    key block, or, without FOLD, has empty slots; every tile when ALWAYS_MASKED) are *masked*
+    and go to the tile list, filled from ``last_tile`` down. Empty slots of the last tile get -1.
+    Returns (segment slots, regular tiles, masked tiles)."""
     groups = (cnt + PER_TILE - 1) // PER_TILE  # tiles, counting each block's sub-tiles once
     pad = tl.arange(0, PER_TILE)
     tl.store(Segs + seg_at + cnt + pad, -1, mask=pad < groups * PER_TILE - cnt)
@@ -525,9 +527,9 @@ def _schedule_tiles(Segs, TileLevel, TileSeg, cnt, seg_at, reg_at, flag_at, hold
     ntiles = groups * SPLIT
     nmasked = ntiles if ALWAYS_MASKED else last_masked.to(tl.int32) * SPLIT
     nregular = ntiles - nmasked
-    for t0 in range(0, ntiles, TCH):  # the row's real tiles only, not the worst case
+    for t0 in range(nregular, ntiles, TCH):  # the row's masked tiles only
         t = t0 + tl.arange(0, TCH)
-        slot = tl.where(t < nregular, reg_at + t, last_tile - (flag_at + t - nregular))
+        slot = last_tile - (flag_at + t - nregular)
         tl.store(TileLevel + slot, P | ((t % SPLIT) << _SUB), mask=t < ntiles)
         tl.store(TileSeg + slot, seg_at + (t // SPLIT) * PER_TILE, mask=t < ntiles)
     return groups * PER_TILE, nregular, nmasked
@@ -581,11 +583,10 @@ def _schedule_kernel(Levels, Segs, TileLevel, TileSeg, Counts, nkb, tail_block, 
     tlev = TileLevel + row * s_tile
     tseg = TileSeg + row * s_tile
     last = s_tile - 1
-    _, r1, m1 = _schedule_tiles(segs, tlev, tseg, c1, 0, 0, 0, tail_lv == 1, last, 1, PT1, SP1, AM1, FOLD, TCH)
-    _, r2, m2 = _schedule_tiles(segs, tlev, tseg, c2, s2, r1, m1, tail_lv == 2, last, 2, PT2, SP2, AM2, FOLD, TCH)
-    _, r4, m4 = _schedule_tiles(segs, tlev, tseg, c4, s4, r1 + r2, m1 + m2, tail_lv == 4, last,
-                                4, PT4, SP4, AM4, FOLD, TCH)
-    _, r8, m8 = _schedule_tiles(segs, tlev, tseg, c8, s8, r1 + r2 + r4, m1 + m2 + m4, tail_lv == 8, last,
+    _, r1, m1 = _schedule_tiles(segs, tlev, tseg, c1, 0, 0, tail_lv == 1, last, 1, PT1, SP1, AM1, FOLD, TCH)
+    _, r2, m2 = _schedule_tiles(segs, tlev, tseg, c2, s2, m1, tail_lv == 2, last, 2, PT2, SP2, AM2, FOLD, TCH)
+    _, r4, m4 = _schedule_tiles(segs, tlev, tseg, c4, s4, m1 + m2, tail_lv == 4, last, 4, PT4, SP4, AM4, FOLD, TCH)
+    _, r8, m8 = _schedule_tiles(segs, tlev, tseg, c8, s8, m1 + m2 + m4, tail_lv == 8, last,
                                 8, PT8, SP8, AM8, FOLD, TCH)
     rec = Counts + row * _RECORD
     tl.store(rec + 0, r1)
@@ -603,15 +604,18 @@ def _schedule_kernel(Levels, Segs, TileLevel, TileSeg, Counts, nkb, tail_block, 
 
 
 def _schedule_shape(nkb: int, n: int, packed: bool, tn: int, held: tuple = LEVEL_ORDER):
-    """Segments per tile, tiles per segment and the most tiles of each level, and the
-    worst-case segment and tile slots of one schedule row whose levels are among ``held``."""
+    """Segments per tile, tiles per segment and whether every tile is masked, per level; and the
+    worst-case segment slots and masked tiles of one schedule row whose levels are among
+    ``held``. Masked tiles: a level's last tiles (those of one key block) unless all are."""
     shapes = {p: level_split(n, p, tn, packed) for p in LEVEL_ORDER}
     per_tile = {p: shapes[p][0] for p in LEVEL_ORDER}
     split = {p: shapes[p][1] for p in LEVEL_ORDER}
     groups = {p: -(-nkb // per_tile[p]) for p in LEVEL_ORDER}
-    max_t = {p: groups[p] * split[p] for p in LEVEL_ORDER}
-    return (per_tile, split, max_t, sum(groups[p] * per_tile[p] for p in held),
-            sum(max_t[p] for p in held))
+    # without packing, a tile of a level whose block is narrower than the tile has empty rows
+    always_masked = {p: per_tile[p] * (n // p) < tn for p in LEVEL_ORDER}
+    masked = {p: groups[p] * split[p] if always_masked[p] else split[p] for p in LEVEL_ORDER}
+    return (per_tile, split, always_masked, sum(groups[p] * per_tile[p] for p in held),
+            sum(masked[p] for p in held))
 
 
 def pyramid_rows(nkb: int, n: int, tail: bool = False, level1: bool = True, pooled: bool = True) -> int:
@@ -625,18 +629,19 @@ def attention_bytes_per_head(B: int, L: int, D: int, element_size: int, m: int, 
                              tail: bool = False, level1: bool = True, pooled: bool = True) -> int:
     """Device memory the pyramid and the tile schedule of one head take (B batch entries)."""
     nkb, nqb = -(-L // n), -(-L // m)
-    _, _, _, max_segs, max_tiles = _schedule_shape(nkb, n, packed, tile_width(n), LEVEL_ORDER if pooled else (1,))
+    _, _, _, max_segs, max_masked = _schedule_shape(nkb, n, packed, tile_width(n), LEVEL_ORDER if pooled else (1,))
     rows = pyramid_rows(nkb, n, tail, level1, pooled)
     biases = nqb * (-(-nkb // TILE_WIDTH) * TILE_WIDTH if tail else 0) * 4  # the schedule's tail bias, at most
-    return B * (2 * rows * D * element_size + nqb * (max_segs + 2 * max_tiles + len(COUNT_FIELDS)) * 4 + biases)
+    return B * (2 * rows * D * element_size + nqb * (max_segs + 2 * max_masked + len(COUNT_FIELDS)) * 4 + biases)
 
 
 def build_schedule(levels: torch.Tensor, pyr: Pyramid, packed: bool, tile_n: int | None = None,
                    num_warps: int | None = None, fold: bool = True) -> Schedule:
-    """Turn a level map into tile lists: regular level-1 tiles, regular pooled tiles (levels
-    2, 4, 8), then the masked tiles at the back; key blocks ascending within a level. With
-    ``fold`` a packed level's partly filled last tile stays in its regular loop, which masks
-    the empty columns (benchmarks/NOTES.md change 26); otherwise it is a masked tile.
+    """Turn a level map into segment lists (key blocks ascending within a level, levels 1, 2, 4,
+    8 in turn), the per-row record of regular tiles (found from the record alone) and the list
+    of masked tiles. With ``fold`` a packed level's partly filled last tile stays in its
+    regular loop, which masks the empty columns (benchmarks/NOTES.md change 26); otherwise it
+    is a masked tile.
 
     One Triton program per row; buffers are sized for the worst case of any level map, so
     nothing is read back to the host. One warp a row up to 512 key blocks, else four (H100
@@ -647,21 +652,19 @@ def build_schedule(levels: torch.Tensor, pyr: Pyramid, packed: bool, tile_n: int
     n = pyr.n
     tn = tile_n or tile_width(n)
     # sized for the levels the pyramid holds: a level-1 pyramid's schedule is a quarter of the size
-    per_tile, split, _, max_segs, max_tiles = _schedule_shape(nkb, n, packed, tn, pyr.levels_held)
+    per_tile, split, always_masked, max_segs, max_masked = _schedule_shape(nkb, n, packed, tn, pyr.levels_held)
     dev = levels.device
     lv = levels.reshape(B * H * nqb, nkb)
     if lv.stride(-1) != 1:
         lv = lv.contiguous()
     segs = torch.empty((B, H, nqb, max_segs), dtype=torch.int32, device=dev)
-    tile_level = torch.empty((B, H, nqb, max_tiles), dtype=torch.int32, device=dev)
-    tile_seg = torch.empty((B, H, nqb, max_tiles), dtype=torch.int32, device=dev)
+    tile_level = torch.empty((B, H, nqb, max_masked), dtype=torch.int32, device=dev)
+    tile_seg = torch.empty((B, H, nqb, max_masked), dtype=torch.int32, device=dev)
     counts = torch.empty((B, H, nqb, len(COUNT_FIELDS)), dtype=torch.int32, device=dev)
-    # without packing, a tile of a level whose block is narrower than the tile has empty rows
-    always_masked = {p: per_tile[p] * (n // p) < tn for p in LEVEL_ORDER}
     tail_block = nkb - 1 if nkb * n > pyr.length else -1  # the last key block has padding rows
     p2 = triton.next_power_of_2
     _schedule_kernel[(B * H * nqb,)](
-        lv, segs, tile_level, tile_seg, counts, nkb, tail_block, lv.stride(0), max_segs, max_tiles,
+        lv, segs, tile_level, tile_seg, counts, nkb, tail_block, lv.stride(0), max_segs, max_masked,
         pyr.base.get(2, 0), pyr.base.get(4, 0), pyr.base.get(8, 0), N=n, NKB=p2(nkb),
         PT1=per_tile[1], PT2=per_tile[2], PT4=per_tile[4], PT8=per_tile[8],
         SP1=split[1], SP2=split[2], SP4=split[4], SP8=split[8],

@@ -249,45 +249,41 @@ def test_kernels_read_the_caller_order_through_perm(n, m, L, device):
 def _decode_schedule(sched, pyr, nkb, L):
     """(level, key block) visited per schedule row, read the way the kernel reads the schedule.
 
-    Regular tiles fill the front of a row's tile list (level-1 ones first), masked tiles the
-    back. A regular tile holds only real pyramid rows of whole groups: never the partial last
-    key block, which goes to the masked tiles (the kernel applies the per-row bias there).
-    Empty slots: in a folded schedule only at the end of a packed level's last regular tile,
-    as many as the kernel masks from the record's block count; otherwise only in masked
-    tiles."""
+    Regular tiles are not listed: the kernel finds the t-th regular tile of level p from the
+    row's record alone (its first segment at seg_p + t / split * slots, its sub-tile t % split).
+    Masked tiles fill the back of the row's tile list. A regular tile holds only real pyramid
+    rows of whole groups: never the partial last key block, which goes to the masked tiles (the
+    kernel applies the per-row bias there). Empty slots: in a folded schedule only at the end of
+    a packed level's last regular tile, as many as the kernel masks from the record's block
+    count; otherwise only in masked tiles."""
     n, tn = pyr.n, sched.tile_n
     tile_level, tile_seg, counts, segs = (
         x.cpu() for x in (sched.tile_level, sched.tile_seg, sched.counts, sched.segs))
     tail = nkb - 1 if L % n else None
-    B, H, nqb, max_tiles = tile_level.shape
+    B, H, nqb, max_masked = tile_level.shape
     out = {}
     for b in range(B):
         for h in range(H):
             for i in range(nqb):
                 rec = dict(zip(pyramid.COUNT_FIELDS, (int(c) for c in counts[b, h, i])))
                 per_level = [rec[f"regular{p}"] for p in (1, 2, 4, 8)]
-                nregular, nmasked = sum(per_level), rec["masked"]
-                assert nregular + nmasked <= max_tiles
-                # regular tiles: level by level, the t-th of level p at a position the kernel
-                # computes from the record alone
-                regular_level = [p for p, c in zip((1, 2, 4, 8), per_level) for _ in range(c)]
-                regular_index = [t for c in per_level for t in range(c)]
-                order = [(t, True) for t in range(nregular)] + [(t, False) for t in range(max_tiles - nmasked, max_tiles)]
+                nmasked = rec["masked"]
+                assert nmasked <= max_masked
+                # regular tiles, level by level, from the record; then the listed masked ones
+                tiles_of = [(p, t % pyramid.level_split(n, p, tn, sched.packed)[1],
+                             (rec[f"seg{p}"] if p > 1 else 0)
+                             + t // pyramid.level_split(n, p, tn, sched.packed)[1]
+                             * pyramid.level_split(n, p, tn, sched.packed)[0], t)
+                            for p, c in zip((1, 2, 4, 8), per_level) for t in range(c)]
+                tiles_of += [(int(tile_level[b, h, i, t]) & 15, int(tile_level[b, h, i, t]) >> pyramid.SUB_SHIFT,
+                              int(tile_seg[b, h, i, t]), None) for t in range(max_masked - nmasked, max_masked)]
                 seen, tiles = [], []
-                for t, regular in order:
-                    code = int(tile_level[b, h, i, t])
-                    p, sub = code & 15, code >> pyramid.SUB_SHIFT
+                for p, sub, first, regular_index in tiles_of:
+                    regular = regular_index is not None
                     assert p in (1, 2, 4, 8), p
-                    first = int(tile_seg[b, h, i, t])
                     seg_len = n // p
                     slots, split = pyramid.level_split(n, p, tn, sched.packed)
-                    assert sub < split, (code, split)
-                    if regular:
-                        assert p == regular_level[t], f"regular tiles must go level by level: {(b, h, i, t)}"
-                        # a block wider than a tile: its sub-tiles in a row, the kernel's t % split
-                        assert sub == regular_index[t] % split, (b, h, i, t)
-                        seg_start = rec[f"seg{p}"] if p > 1 else 0
-                        assert first == seg_start + regular_index[t] // split * slots, (b, h, i, t)
+                    assert sub < split, (p, sub, split)
                     empty = slots * seg_len < tn
                     blocks = []
                     for s_ in range(slots):
@@ -299,17 +295,18 @@ def _decode_schedule(sched, pyr, nkb, L):
                         assert 0 <= off < nkb * seg_len and off % seg_len == 0, (p, seg)
                         blocks.append(off // seg_len)
                     if regular:
-                        assert tail not in blocks, f"regular tile {t} of row {(b, h, i)} holds the partial last block"
+                        t = regular_index
+                        assert tail not in blocks, f"regular tile {t} of level {p}, row {(b, h, i)} holds the partial last block"
                         # the kernel's real columns of this tile: blocks_p * seg_len - t * tile_n
-                        cols = rec[f"blocks{p}"] * seg_len - regular_index[t] * tn
-                        assert cols > 0, (b, h, i, t)
+                        cols = rec[f"blocks{p}"] * seg_len - t * tn
+                        assert cols > 0, (b, h, i, p, t)
                         filled = min(cols, tn) // seg_len if split == 1 else 1
                         real = [int(segs[b, h, i, first + s_]) >= 0 for s_ in range(slots)]
-                        assert real == [s_ < filled for s_ in range(slots)], (b, h, i, t, real, cols)
+                        assert real == [s_ < filled for s_ in range(slots)], (b, h, i, p, t, real, cols)
                         if empty:
                             assert sched.folded and sched.packed and slots > 1, \
-                                f"regular tile {t} of row {(b, h, i)} has empty columns"
-                            assert regular_index[t] == per_level[(1, 2, 4, 8).index(p)] - 1, (b, h, i, t)
+                                f"regular tile {t} of level {p}, row {(b, h, i)} has empty columns"
+                            assert t == per_level[(1, 2, 4, 8).index(p)] - 1, (b, h, i, p, t)
                     seen += [(p, j, sub) for j in blocks]
                     tiles.append(p)
                 out[b, h, i] = seen, tiles

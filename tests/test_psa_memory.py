@@ -61,23 +61,33 @@ SECTION = load_attention_config(CONFIG)["Wan2.1_14b"]
 @pytest.mark.parametrize("preset", sorted(name for name, c in SECTION.attention_configs.items() if not c.is_dense))
 def test_wan14b_fp8_720p_on_a_24gb_card(monkeypatch, preset):
     cfg = SECTION.attention_configs[preset]
-    # the pyramid without its copy of level 1 is the smaller
-    assert per_head(cfg, 1, in_place=True) < per_head(cfg, 1)
+    # the pyramid without its copy of level 1 is the smaller (the estimate's scratch may set both)
+    assert per_head(cfg, 1, in_place=True) <= per_head(cfg, 1)
     # cond and uncond one at a time: PSA's buffers for all 40 heads fit beside the model, one pass
     free = card(monkeypatch, batch=1)
     assert HEADS * per_head(cfg, 1) < 0.9 * free
     assert api._passes(CudaLike(1), cfg) == (HEADS, False)
-    # cond and uncond batched (twice the activations and twice the buffers a head): level 1 read
-    # in place, and as many heads at a time as fit in 90% of what is free, so the call never
-    # runs out of memory
+    # cond and uncond batched (twice the activations and twice the buffers a head): level 1
+    # copied if all heads fit so, else read in place, and as many heads at a time as fit in 90%
+    # of what is free, so the call never runs out of memory
     free = card(monkeypatch, batch=2)
-    assert HEADS * per_head(cfg, 2) > 0.9 * free
     group, in_place = api._passes(CudaLike(2), cfg)
-    size = per_head(cfg, 2, in_place=True)
-    assert in_place and 1 <= group <= HEADS
+    if HEADS * per_head(cfg, 2) <= 0.9 * free:
+        assert (group, in_place) == (HEADS, False)
+    size = per_head(cfg, 2, in_place=in_place)
+    assert 1 <= group <= HEADS
     assert group * size <= 0.9 * free and (group == HEADS or 0.9 * free < (group + 1) * size)
     # peak with PSA's buffers: within the card
     assert WEIGHTS + 5 * 2 * TOKENS * WIDTH * 2 + CONTEXT + group * size < CARD
+
+
+def test_24gb_card_batched_reads_level1_in_place_for_the_pooled_presets(monkeypatch):
+    # the pyramid presets' copy of level 1 does not fit beside a batch of two: read in place
+    cfg = SECTION.attention_configs["psa_quality"]
+    free = card(monkeypatch, batch=2)
+    assert HEADS * per_head(cfg, 2) > 0.9 * free
+    group, in_place = api._passes(CudaLike(2), cfg)
+    assert in_place and group * per_head(cfg, 2, in_place=True) <= 0.9 * free
 
 
 def test_an_80gb_card_takes_every_head_at_once(monkeypatch):
