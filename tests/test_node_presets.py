@@ -40,6 +40,23 @@ def test_shipped_file_has_every_section_with_a_dense_baseline(tmp_path):
     assert lib.sections["CogVideo1.5_5b"].text_length == 226
 
 
+def test_wan_sections_ship_psa_fidelity_as_psa_quality_on_wider_shares(tmp_path):
+    # what configs/README.md says of it: psa_quality's pyramid with every cut x 1.5, the tail,
+    # 128 heavy keys, and each section's psa_quality routing
+    lib = store(tmp_path)[0].library()
+    wan = [name for name in lib.sections if name.startswith("Wan")]
+    assert len(wan) == 8
+    for name in wan:
+        quality = lib.resolve(name, "psa_quality").config
+        fidelity = lib.resolve(name, "psa_fidelity").config
+        for lvl, (lo, hi) in quality.mask_ratios.items():
+            want_lo, want_hi = (round(1.5 * lo, 4), round(min(1.0, 1.5 * hi), 4) if lvl else 1.0)
+            assert fidelity.mask_ratios[lvl] == pytest.approx((want_lo, want_hi)), (name, lvl)
+        assert fidelity.use_pooled_tail and fidelity.heavy_keys == 128 and fidelity.uses_pooled_levels
+        assert fidelity.estimate_method == quality.estimate_method, name
+        assert fidelity.block_size == quality.block_size and fidelity.mask_mode == quality.mask_mode == "topk"
+
+
 def test_resolve_errors_name_the_allowed_values(tmp_path):
     lib = store(tmp_path)[0].library()
     with pytest.raises(ConfigError, match=r"preset: 'psa_topk' is not a preset of section 'Wan2.1_14b'; "
