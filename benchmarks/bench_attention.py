@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from psa_kernels import PSAConfig, psa_attention, psa_plan  # noqa: E402
-from psa_kernels import estimate, levels as levels_mod, pyramid  # noqa: E402
+from psa_kernels import attention, estimate, levels as levels_mod, pyramid, schedule  # noqa: E402
 from psa_kernels.layout import arrange, sequence_permutation  # noqa: E402
 from psa_kernels.synthetic import relative_l2, structured_qkv  # noqa: E402
 
@@ -113,7 +113,7 @@ def main():
                                        cfg.use_rearrange, q.device)
         scores = estimate.estimate_triton(q, k, m, n, perm)
         pyr, sim = pyramid.build_pyramid_triton(k, v, n, L, cfg.use_sim_mask, perm)
-        sched = pyramid.build_schedule(plan.levels, pyr, packed=cfg.attn_impl == "new_mask_type")
+        sched = schedule.build_schedule(plan.levels, pyr, packed=cfg.attn_impl == "new_mask_type")
         o = torch.empty_like(q)
         t = {
             "total": bench(lambda: psa_attention(q, k, v, cfg, grid)),
@@ -122,8 +122,8 @@ def main():
             "sim_guard": bench(lambda: levels_mod.apply_similarity_guard(plan.levels, sim, cfg))
             if cfg.use_sim_mask else 0.0,
             "pyramid": bench(lambda: pyramid.build_pyramid_triton(k, v, n, L, cfg.use_sim_mask, perm)),
-            "schedule": bench(lambda: pyramid.build_schedule(plan.levels, pyr, cfg.attn_impl == "new_mask_type")),
-            "kernel": bench(lambda: pyramid.attention_triton(q, pyr, sched, m, out=o, perm=perm)),
+            "schedule": bench(lambda: schedule.build_schedule(plan.levels, pyr, cfg.attn_impl == "new_mask_type")),
+            "kernel": bench(lambda: attention.attention_triton(q, pyr, sched, m, out=o, perm=perm)),
         }
         work_flops = float(sched.num_tiles.sum()) * 4 * m * sched.tile_n * D
         r["tiles"] = int(sched.num_tiles.sum())
@@ -134,13 +134,13 @@ def main():
         if args.sweep:
             sweep = {}
             for tn in (64, 128):  # key blocks wider than the tile span several tiles
-                sc = pyramid.build_schedule(plan.levels, pyr, cfg.attn_impl == "new_mask_type", tile_n=tn)
+                sc = schedule.build_schedule(plan.levels, pyr, cfg.attn_impl == "new_mask_type", tile_n=tn)
                 wf = float(sc.num_tiles.sum()) * 4 * m * tn * D
                 for nw in (4, 8):
                     for ns in (2, 3, 4):
                         key = f"tile{tn}_w{nw}_s{ns}"
                         try:
-                            ms = bench(lambda: pyramid.attention_triton(q, pyr, sc, m, out=o, num_warps=nw,
+                            ms = bench(lambda: attention.attention_triton(q, pyr, sc, m, out=o, num_warps=nw,
                                                                         num_stages=ns, perm=perm))
                             sweep[key] = (round(ms, 3), round(wf / ms / 1e9))
                         except Exception as e:  # resources exceeded for this config

@@ -23,7 +23,7 @@ import triton.testing
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from psa_kernels import api, load_attention_config, psa_attention, psa_plan, pyramid  # noqa: E402
+from psa_kernels import api, attention, load_attention_config, psa_attention, psa_plan, pyramid, schedule  # noqa: E402
 from psa_kernels.synthetic import relative_l2  # noqa: E402
 from bench_peers import REGIMES, SHAPES, make_inputs  # noqa: E402
 
@@ -84,11 +84,11 @@ def main():
                 try:
                     plan = psa_plan(qh, kh, cfg, grid, v=vh)
                     pyr = plan.pyramid
-                    sched = pyramid.build_schedule(plan.levels, pyr, packed=cfg.attn_impl == "new_mask_type")
+                    sched = schedule.build_schedule(plan.levels, pyr, packed=cfg.attn_impl == "new_mask_type")
                     opts = layout(cfg, kh, vh)
                     t_build = bench(lambda: pyramid.build_pyramid_triton(kh, vh, cfg.block_size.n, L, perm=plan.perm,
                                                                          heavy=plan.heavy, **opts))
-                    t_kern = bench(lambda: pyramid.attention_triton(qh, pyr, sched, cfg.block_size.m, perm=plan.perm))
+                    t_kern = bench(lambda: attention.attention_triton(qh, pyr, sched, cfg.block_size.m, perm=plan.perm))
                     t_call = bench(lambda: psa_attention(qh, kh, vh, cfg, grid))
                     outs[label] = psa_attention(qh, kh, vh, cfg, grid)
                     del plan, pyr, sched

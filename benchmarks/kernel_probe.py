@@ -18,7 +18,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from psa_kernels import PSAConfig, psa_plan, pyramid  # noqa: E402
+from psa_kernels import PSAConfig, psa_plan, schedule  # noqa: E402
 from psa_kernels.layout import arrange  # noqa: E402
 from psa_kernels.synthetic import structured_qkv  # noqa: E402
 
@@ -98,7 +98,7 @@ def main():
         for tn in (128, 64):
             if tn < n:
                 continue
-            sc = pyramid.build_schedule(plan.levels, pyr, True, tile_n=tn)
+            sc = schedule.build_schedule(plan.levels, pyr, True, tile_n=tn)
             flops = float(sc.num_tiles.sum()) * 4 * m * tn * D
             k2 = pyr.k.reshape(B * H * rows_total, D)
             v2 = pyr.v.reshape(B * H * rows_total, D)

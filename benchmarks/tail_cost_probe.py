@@ -19,7 +19,7 @@ import triton.testing
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from psa_kernels import PSAConfig, psa_attention, psa_plan, pyramid  # noqa: E402
+from psa_kernels import PSAConfig, attention, psa_attention, psa_plan, pyramid, schedule  # noqa: E402
 from bench_peers import REGIMES, SHAPES, make_inputs  # noqa: E402
 
 
@@ -48,7 +48,7 @@ def main():
                 c = cfg(a, tail, heavy)
                 plan = psa_plan(qh, kh, c, grid, v=vh)
                 pyr = plan.pyramid
-                sched = pyramid.build_schedule(plan.levels, pyr, packed=True)
+                sched = schedule.build_schedule(plan.levels, pyr, packed=True)
                 nkb = plan.levels.shape[-1]
                 l1 = float(sched.num_tiles.float().mean())
                 tail_t = -(-nkb // 64) if tail else 0
@@ -56,8 +56,8 @@ def main():
                 t_call = bench(lambda: psa_attention(qh, kh, vh, c, grid))
                 t_build = bench(lambda: pyramid.build_pyramid_triton(kh, vh, 64, L, perm=plan.perm, tail=tail,
                                                                      heavy=plan.heavy))
-                t_sched = bench(lambda: pyramid.build_schedule(plan.levels, pyr, packed=True))
-                t_kern = bench(lambda: pyramid.attention_triton(qh, pyr, sched, 128, perm=plan.perm))
+                t_sched = bench(lambda: schedule.build_schedule(plan.levels, pyr, packed=True))
+                t_kern = bench(lambda: attention.attention_triton(qh, pyr, sched, 128, perm=plan.perm))
                 rows = B * heads * plan.levels.shape[2]
                 rate = rows * (l1 + tail_t + heavy_t) / (t_kern * 1e3)
                 name = f"l1 {a:g}" + (" +tail" if tail else "") + (f" +h{heavy}" if heavy else "")

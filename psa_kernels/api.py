@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import estimate, levels as levels_mod, pyramid
+from . import attention, estimate, levels as levels_mod, pyramid, schedule
 from .heavy import HeavyKeys, heavy_per_row, select_heavy_keys
 from .config import PSAConfig
 from .layout import arrange, as_index, restore, sequence_permutation
@@ -254,7 +254,7 @@ def bytes_per_head(q: torch.Tensor, cfg: PSAConfig, in_place: bool) -> int:
     the estimate's scratch, which is freed before they are made)."""
     B, H, L, D = q.shape
     m, n = cfg.block_size.m, cfg.block_size.n
-    return max(pyramid.attention_bytes_per_head(B, L, D, q.element_size(), m, n, cfg.attn_impl == "new_mask_type",
+    return max(attention.attention_bytes_per_head(B, L, D, q.element_size(), m, n, cfg.attn_impl == "new_mask_type",
                                                 **pyramid_layout(cfg, in_place=in_place)),
                estimate.scratch_bytes_per_head(B, L, m, n))
 
@@ -293,11 +293,11 @@ def _attend(q, k, v, cfg: PSAConfig, plan: PSAPlan, out: torch.Tensor | None = N
             k, v = _unit_stride(k), _unit_stride(v)
             pyr, _ = pyramid.build_pyramid_triton(k, v, n, L, perm=plan.perm, heavy=plan.heavy,
                                                   **pyramid_layout(cfg, k, v, in_place))
-        sched = pyramid.build_schedule(plan.levels, pyr, packed=cfg.attn_impl == "new_mask_type")
-        return pyramid.attention_triton(_unit_stride(q), pyr, sched, m, out=out, perm=plan.perm)
+        sched = schedule.build_schedule(plan.levels, pyr, packed=cfg.attn_impl == "new_mask_type")
+        return attention.attention_triton(_unit_stride(q), pyr, sched, m, out=out, perm=plan.perm)
     heavy = plan.heavy
     if heavy is not None and plan.inv is not None:  # the reference pyramid is built in the arranged order
         heavy = HeavyKeys(plan.inv[heavy.index], heavy.block)
     pyr = pyramid.build_pyramid(arrange(k, plan.perm), arrange(v, plan.perm), n, L, tail=cfg.use_pooled_tail,
                                 heavy=heavy)
-    return restore(pyramid.attention_reference(arrange(q, plan.perm), pyr, plan.levels, m), plan.inv)
+    return restore(attention.attention_reference(arrange(q, plan.perm), pyr, plan.levels, m), plan.inv)

@@ -19,9 +19,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from psa_kernels import estimate, levels, pyramid  # noqa: E402
+from psa_kernels import attention, estimate, levels, pyramid, schedule  # noqa: E402
 from psa_kernels import heavy as heavy_mod  # noqa: E402
-from psa_kernels.pyramid import kernel_launch_config  # noqa: E402
+from psa_kernels.attention import kernel_launch_config  # noqa: E402
 
 # compute capability -> the most shared memory one program may use there (the CUDA programming
 # guide's "maximum shared memory per thread block", opt-in); Triton refuses a launch over it
@@ -111,20 +111,20 @@ def variants(arch: int = 90):
            {"K": "bf16", "V": "bf16", "Index": "i64", "Block": "i32", "HK": "bf16", "HV": "bf16", "HB": "i32"}, (),
            dict(H=12, D=128, CH=pyramid.HEAVY_ROWS), {"num_warps": 4})
     for tail, heavy_keys in ((True, False), (True, True), (False, True)):
-        yield (f"column biases tail={tail} heavy={heavy_keys}", pyramid._column_bias_kernel,
+        yield (f"column biases tail={tail} heavy={heavy_keys}", schedule._column_bias_kernel,
                {"Levels": "i8", "TailLn": "fp32", "HBlock": "i32", "TailOut": "fp16", "HeavyOut": "fp16"}, (),
-               dict(TAIL=tail, HEAVY=heavy_keys, CH=pyramid.TILE_WIDTH, POOLED=not tail or not heavy_keys),
+               dict(TAIL=tail, HEAVY=heavy_keys, CH=schedule.TILE_WIDTH, POOLED=not tail or not heavy_keys),
                {"num_warps": 1})
     yield ("mean-query logits", heavy_mod._mean_query_logit_kernel, {"K": "bf16", "Qbar": "fp32", "Out": "fp32"}, (),
            dict(H=12, D=128, CH=heavy_mod.LOGIT_ROWS), {"num_warps": 4})
     # packed levels; level-1 blocks split over two tiles; a level-1 pyramid's schedule
     for n, nkb, pooled in ((32, 1024, True), (128, 256, True), (64, 2048, False)):
-        pt = {p: pyramid.level_split(n, p, 64, True)[0] for p in (1, 2, 4, 8)}
-        sp = {p: pyramid.level_split(n, p, 64, True)[1] for p in (1, 2, 4, 8)}
-        yield (f"schedule n{n} pooled={pooled}", pyramid._schedule_kernel,
+        pt = {p: schedule.level_split(n, p, 64, True)[0] for p in (1, 2, 4, 8)}
+        sp = {p: schedule.level_split(n, p, 64, True)[1] for p in (1, 2, 4, 8)}
+        yield (f"schedule n{n} pooled={pooled}", schedule._schedule_kernel,
                {"Levels": "i8", "Segs": "i32", "TileLevel": "i32", "TileSeg": "i32", "Counts": "i32"}, (),
                dict(N=n, NKB=nkb, **{f"PT{p}": pt[p] for p in pt}, **{f"SP{p}": sp[p] for p in sp},
-                    AM1=False, AM2=False, AM4=False, AM8=False, FOLD=True, TCH=pyramid.SCHEDULE_CHUNK,
+                    AM1=False, AM2=False, AM4=False, AM8=False, FOLD=True, TCH=schedule.SCHEDULE_CHUNK,
                     POOLED=pooled),
                {})
     # level 1 read in place (what the API launches) and copied (the torch-built pyramids)
@@ -136,13 +136,13 @@ def variants(arch: int = 90):
             (128, 128, True, 128, True, True, False, True), (128, 32, True, 128, True, True, False, True),
             (128, 64, True, 128, True, True, True, True), (128, 32, True, 128, True, False, True, True),
             (128, 64, True, 128, True, False, False, False), (128, 64, True, 128, True, True, True, False)):
-        tile_n = pyramid.tile_width(n)
+        tile_n = schedule.tile_width(n)
         launch = kernel_launch_config(m, tile_n, packed, d, major=arch // 10)
         options = {"num_warps": launch.num_warps, "num_stages": launch.num_stages}
         if launch.maxnreg:
             options["maxnreg"] = launch.maxnreg
         yield (f"attention m{m} n{n} packed={packed} d{d} fold={fold} tail={tail} heavy={heavy} in_place={in_place}",
-               pyramid._pyramid_attn_kernel,
+               attention._pyramid_attn_kernel,
                {"Q": "bf16", "KP": "bf16", "VP": "bf16", "Bias": "fp32", "Out": "bf16", "TileLevel": "i32",
                 "TileSeg": "i32", "Counts": "i32", "Segs": "i32", "Perm": "i64",
                 "TailBias": "fp16", "HK": "bf16", "HV": "bf16", "HBias": "fp16", "K1": "bf16", "V1": "bf16"},

@@ -19,7 +19,7 @@ compat = pack_module("psa_kernels.triton_compat")
 kernels = pack_module("psa_kernels")
 patch = pack_module("nodes.patch")
 presets = pack_module("nodes.presets")
-pyramid = pack_module("psa_kernels.pyramid")
+attention = pack_module("psa_kernels.attention")
 assert not compat.HAVE_TRITON
 print("reason:", compat.missing_reason())
 
@@ -50,7 +50,7 @@ to = p.install({"sample_sigmas": torch.tensor([1.0, 0.5, 0.0]), "sigmas": torch.
 res = p.forward_wrapper(Executor(), torch.zeros(2, 16, 2, 16, 16), torch.zeros(2), torch.zeros(2, 16, 64), None, None, to)
 print("apply psa:", torch.equal(res, out.transpose(1, 2).reshape(2, 128, 64)))
 try:
-    pyramid._pyramid_attn_kernel[(1,)]()
+    attention._pyramid_attn_kernel[(1,)]()
 except compat.TritonUnavailable as e:
     print("launch:", e)
 """

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from psa_kernels import ConfigError, PSAConfig, psa_attention, psa_plan
 from psa_kernels import levels as levels_mod
-from psa_kernels import pyramid
+from psa_kernels import attention, pyramid, schedule
 from psa_kernels.layout import arrange
 from psa_kernels.synthetic import relative_l2, structured_qkv
 
@@ -88,8 +88,8 @@ def _random_levels(B, H, nqb, nkb, seed) -> torch.Tensor:
 
 def _kernel(q, pyr, levels, m, packed, tile_n=None, fold=True):
     out = torch.full_like(q, float("nan"))
-    sched = pyramid.build_schedule(levels, pyr, packed=packed, tile_n=tile_n, fold=fold)
-    res = pyramid.attention_triton(q, pyr, sched, m, out=out)
+    sched = schedule.build_schedule(levels, pyr, packed=packed, tile_n=tile_n, fold=fold)
+    res = attention.attention_triton(q, pyr, sched, m, out=out)
     assert res.data_ptr() == out.data_ptr()
     assert not torch.isnan(out).any(), "kernel left rows unwritten"
     return out
@@ -116,7 +116,7 @@ def test_hand_built_level_map(packed, device):
     levels = HAND_LEVELS.to(device)
     expected = _pyramid_by_hand(q, k, v, levels, m, n)
     pyr = pyramid.build_pyramid(k, v, n, L)
-    ref = pyramid.attention_reference(q, pyr, levels, m)
+    ref = attention.attention_reference(q, pyr, levels, m)
     assert ref.dtype == q.dtype
     _close(ref, expected, atol=1e-5, rtol=1e-5)
     _close(_kernel(q, pyr, levels, m, packed), expected, **KERNEL_TOL)
@@ -130,8 +130,8 @@ def test_pooled_level_differs_from_full_resolution():
     L, m, n = 37, 16, 16
     q, k, v = structured_qkv((1, 1, L), heads=1, head_dim=16, seed=5)
     pyr = pyramid.build_pyramid(k, v, n, L)
-    full = pyramid.attention_reference(q, pyr, torch.ones(1, 1, 3, 3, dtype=torch.int8), m)
-    pooled = pyramid.attention_reference(q, pyr, torch.full((1, 1, 3, 3), 4, dtype=torch.int8), m)
+    full = attention.attention_reference(q, pyr, torch.ones(1, 1, 3, 3, dtype=torch.int8), m)
+    pooled = attention.attention_reference(q, pyr, torch.full((1, 1, 3, 3), 4, dtype=torch.int8), m)
     assert relative_l2(pooled, full) > 1e-3
 
 
@@ -144,7 +144,7 @@ def test_random_level_maps(L, m, n, D, packed, fold, device):
     levels = _random_levels(1, 2, nqb, nkb, seed=L).to(device)
     expected = _pyramid_by_hand(q, k, v, levels, m, n)
     pyr = pyramid.build_pyramid(k, v, n, L)
-    _close(pyramid.attention_reference(q, pyr, levels, m), expected, atol=1e-5, rtol=1e-5)
+    _close(attention.attention_reference(q, pyr, levels, m), expected, atol=1e-5, rtol=1e-5)
     _close(_kernel(q, pyr, levels, m, packed, fold=fold), expected, **KERNEL_TOL)
 
 
@@ -161,23 +161,23 @@ def test_kernel_with_other_tile_widths(n, tile_n, device):
 
 def test_level_split_and_launch_config():
     # 64-row tiles: level-1 blocks of 128 rows span two tiles, narrower segments share one
-    assert pyramid.level_split(128, 1, 64, True) == (1, 2)
-    assert pyramid.level_split(128, 2, 64, True) == (1, 1)
-    assert pyramid.level_split(128, 8, 64, True) == (4, 1)
-    assert pyramid.level_split(32, 1, 64, True) == (2, 1)
-    assert pyramid.level_split(32, 8, 64, False) == (1, 1)  # unpacked: one block a tile
+    assert schedule.level_split(128, 1, 64, True) == (1, 2)
+    assert schedule.level_split(128, 2, 64, True) == (1, 1)
+    assert schedule.level_split(128, 8, 64, True) == (4, 1)
+    assert schedule.level_split(32, 1, 64, True) == (2, 1)
+    assert schedule.level_split(32, 8, 64, False) == (1, 1)  # unpacked: one block a tile
     # 128-row query blocks on 64-row tiles: two programs a multiprocessor (8 warps, 128
     # registers) for head dims up to 128; no cap where the accumulator alone needs more
-    cfg = pyramid.kernel_launch_config(128, 64, True, 128)
+    cfg = attention.kernel_launch_config(128, 64, True, 128)
     assert (cfg.num_warps, cfg.num_stages, cfg.maxnreg, cfg.loop_stages) == (8, 2, 128, 3)
-    assert pyramid.kernel_launch_config(128, 64, True, 256).maxnreg is None
-    assert pyramid.kernel_launch_config(128, 64, True, 128, major=8).maxnreg is None  # one program an SM
-    assert pyramid.kernel_launch_config(64, 64, True, 64).num_warps == 4
-    assert pyramid.kernel_launch_config(128, 128, False).num_stages == 2
+    assert attention.kernel_launch_config(128, 64, True, 256).maxnreg is None
+    assert attention.kernel_launch_config(128, 64, True, 128, major=8).maxnreg is None  # one program an SM
+    assert attention.kernel_launch_config(64, 64, True, 64).num_warps == 4
+    assert attention.kernel_launch_config(128, 128, False).num_stages == 2
     # explicit warps other than the default's drop the cap; maxnreg=0 means none
-    assert pyramid._register_cap(cfg, None, None) == 128
-    assert pyramid._register_cap(cfg, 4, None) is None
-    assert pyramid._register_cap(cfg, None, 0) is None
+    assert attention._register_cap(cfg, None, None) == 128
+    assert attention._register_cap(cfg, 4, None) is None
+    assert attention._register_cap(cfg, None, 0) is None
 
 
 # ----------------------------------------------------------------------------- pyramid and schedule
@@ -240,8 +240,8 @@ def test_kernels_read_the_caller_order_through_perm(n, m, L, device):
     expected[:, :, perm.cpu()] = arranged
     for packed in (True, False):
         out = torch.full_like(q, float("nan"))
-        sched = pyramid.build_schedule(levels, pyr, packed=packed)
-        pyramid.attention_triton(q, pyr, sched, m, out=out, perm=perm)
+        sched = schedule.build_schedule(levels, pyr, packed=packed)
+        attention.attention_triton(q, pyr, sched, m, out=out, perm=perm)
         assert not torch.isnan(out).any(), "kernel left rows unwritten"
         _close(out, expected, **KERNEL_TOL)
 
@@ -265,24 +265,24 @@ def _decode_schedule(sched, pyr, nkb, L):
     for b in range(B):
         for h in range(H):
             for i in range(nqb):
-                rec = dict(zip(pyramid.COUNT_FIELDS, (int(c) for c in counts[b, h, i])))
+                rec = dict(zip(schedule.COUNT_FIELDS, (int(c) for c in counts[b, h, i])))
                 per_level = [rec[f"regular{p}"] for p in (1, 2, 4, 8)]
                 nmasked = rec["masked"]
                 assert nmasked <= max_masked
                 # regular tiles, level by level, from the record; then the listed masked ones
-                tiles_of = [(p, t % pyramid.level_split(n, p, tn, sched.packed)[1],
+                tiles_of = [(p, t % schedule.level_split(n, p, tn, sched.packed)[1],
                              (rec[f"seg{p}"] if p > 1 else 0)
-                             + t // pyramid.level_split(n, p, tn, sched.packed)[1]
-                             * pyramid.level_split(n, p, tn, sched.packed)[0], t)
+                             + t // schedule.level_split(n, p, tn, sched.packed)[1]
+                             * schedule.level_split(n, p, tn, sched.packed)[0], t)
                             for p, c in zip((1, 2, 4, 8), per_level) for t in range(c)]
-                tiles_of += [(int(tile_level[b, h, i, t]) & 15, int(tile_level[b, h, i, t]) >> pyramid.SUB_SHIFT,
+                tiles_of += [(int(tile_level[b, h, i, t]) & 15, int(tile_level[b, h, i, t]) >> schedule.SUB_SHIFT,
                               int(tile_seg[b, h, i, t]), None) for t in range(max_masked - nmasked, max_masked)]
                 seen, tiles = [], []
                 for p, sub, first, regular_index in tiles_of:
                     regular = regular_index is not None
                     assert p in (1, 2, 4, 8), p
                     seg_len = n // p
-                    slots, split = pyramid.level_split(n, p, tn, sched.packed)
+                    slots, split = schedule.level_split(n, p, tn, sched.packed)
                     assert sub < split, (p, sub, split)
                     empty = slots * seg_len < tn
                     blocks = []
@@ -324,21 +324,21 @@ def test_schedule_visits_every_selected_block_once(n, tile_n, packed, fold, part
     levels = _random_levels(1, 2, nqb, nkb, seed=n)
     levels[0, 1, 4] = 0
     levels[0, 1, 4, 36] = 8  # a row with one block, the last
-    sched = pyramid.build_schedule(levels.to(device), pyr, packed=packed, tile_n=tile_n, fold=fold)
+    sched = schedule.build_schedule(levels.to(device), pyr, packed=packed, tile_n=tile_n, fold=fold)
     tile_n = sched.tile_n
     assert sched.packed is packed and sched.folded is fold
     for (b, h, i), (seen, tiles) in _decode_schedule(sched, pyr, nkb, L).items():
         # every selected block once, each of its sub-tiles once when it is wider than a tile
         want = sorted((int(p), j, sub) for j, p in enumerate(levels[b, h, i].tolist()) if p != 0
-                      for sub in range(pyramid.level_split(n, int(p), tile_n, packed)[1]))
+                      for sub in range(schedule.level_split(n, int(p), tile_n, packed)[1]))
         assert sorted(seen) == want, (b, h, i)
         assert len(seen) == len(set(seen))
         counts = sched.counts[b, h, i].tolist()
         for p in (1, 2, 4, 8):
             cnt = int((levels[b, h, i] == p).sum())
-            assert counts[pyramid.COUNT_FIELDS.index(f"blocks{p}")] == cnt, (b, h, i, p)
+            assert counts[schedule.COUNT_FIELDS.index(f"blocks{p}")] == cnt, (b, h, i, p)
             # packing fills tiles: at most one partly filled tile per level and row
-            per_tile, split = pyramid.level_split(n, p, tile_n, packed)
+            per_tile, split = schedule.level_split(n, p, tile_n, packed)
             assert tiles.count(p) == -(-cnt // per_tile) * split, (p, cnt, tiles)
 
 
@@ -388,10 +388,10 @@ def test_memory_per_head_is_what_the_pyramid_and_schedule_take(n, packed, device
     k = torch.randn(B, H, L, D, device=device)
     pyr, _ = pyramid.build_pyramid_triton(k, k, n, L)
     levels = _random_levels(B, H, -(-L // m), -(-L // n), seed=n).to(device)
-    sched = pyramid.build_schedule(levels, pyr, packed=packed)
+    sched = schedule.build_schedule(levels, pyr, packed=packed)
     taken = sum(t.numel() * t.element_size() for t in (pyr.k, pyr.v, sched.segs, sched.tile_level,
                                                        sched.tile_seg, sched.counts))
-    assert pyramid.attention_bytes_per_head(B, L, D, k.element_size(), m, n, packed) == taken
+    assert attention.attention_bytes_per_head(B, L, D, k.element_size(), m, n, packed) == taken
 
 
 def test_heads_per_pass_follow_free_memory():
@@ -633,4 +633,4 @@ def test_schedule_refuses_rows_past_its_counters():
     # the schedule ranks blocks in 16-bit fields: a row of 2**16 key blocks is refused by name
     levels = torch.ones(1, 1, 1, 1 << 16, dtype=torch.int8)
     with pytest.raises(ValueError, match="key blocks in a row; allowed: fewer than 65536"):
-        pyramid.build_schedule(levels, None, packed=True)
+        schedule.build_schedule(levels, None, packed=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from psa_kernels import PSAConfig, estimate, psa_attention, psa_plan, pyramid
+from psa_kernels import PSAConfig, attention, estimate, psa_attention, psa_plan, pyramid, schedule
 from psa_kernels.layout import arrange
 from psa_kernels.synthetic import relative_l2, structured_qkv
 
@@ -69,11 +69,11 @@ def test_preset_triton_matches_reference(name, wan_qkv, dense_out):
     # the kernel alone, into a poisoned output buffer
     qa, ka, va = (arrange(x, plan.perm) for x in (q, k, v))
     pyr, _ = pyramid.build_pyramid_triton(ka, va, n, q.shape[2])
-    sched = pyramid.build_schedule(plan.levels, pyr, packed=cfg.attn_impl == "new_mask_type")
+    sched = schedule.build_schedule(plan.levels, pyr, packed=cfg.attn_impl == "new_mask_type")
     poisoned = torch.full_like(qa, float("nan"))
-    pyramid.attention_triton(qa, pyr, sched, m, out=poisoned)
+    attention.attention_triton(qa, pyr, sched, m, out=poisoned)
     nan_rows = int(torch.isnan(poisoned).any(-1).sum())
-    ref_arranged = pyramid.attention_reference(qa, pyramid.build_pyramid(ka, va, n, q.shape[2]), plan.levels, m)
+    ref_arranged = attention.attention_reference(qa, pyramid.build_pyramid(ka, va, n, q.shape[2]), plan.levels, m)
     err_kernel = relative_l2(poisoned, ref_arranged) if nan_rows == 0 else float("nan")
     err_dense = relative_l2(out_t, dense_out)
     print(f"\n{name}: density {stats.density:.4f}  levels {stats.level_counts}  "

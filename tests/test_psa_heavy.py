@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from psa_kernels import PSAConfig, psa_attention, psa_plan
-from psa_kernels import pyramid
+from psa_kernels import attention, pyramid, schedule
 from psa_kernels.errors import ConfigError
 from psa_kernels.heavy import HeavyKeys, heavy_per_row, mean_query_logits, select_heavy_keys
 from psa_kernels.synthetic import relative_l2, structured_qkv, video_attention_qkv
@@ -35,8 +35,8 @@ def _heavy(index: torch.Tensor, n: int) -> HeavyKeys:
 
 def _kernel(q, pyr, levels, m, packed):
     out = torch.full_like(q, float("nan"))
-    sched = pyramid.build_schedule(levels, pyr, packed=packed, tile_n=pyramid.TILE_WIDTH)
-    pyramid.attention_triton(q, pyr, sched, m, out=out)
+    sched = schedule.build_schedule(levels, pyr, packed=packed, tile_n=schedule.TILE_WIDTH)
+    attention.attention_triton(q, pyr, sched, m, out=out)
     assert not torch.isnan(out).any(), "kernel left rows unwritten"
     return out
 
@@ -57,7 +57,7 @@ def test_hand_built_level_map(tail, packed, device):
     plain = _by_hand(q, k, v, levels, m, n, [[[]] * 2] * 2, tail)
     assert relative_l2(expected, plain) > 1e-3  # the heavy keys change rows that skip their blocks
     pyr = pyramid.build_pyramid(k, v, n, L, tail=tail, heavy=heavy)
-    _close(pyramid.attention_reference(q, pyr, levels, m), expected, atol=1e-5, rtol=1e-5)
+    _close(attention.attention_reference(q, pyr, levels, m), expected, atol=1e-5, rtol=1e-5)
     _close(_kernel(q, pyr, levels, m, packed), expected, **KERNEL_TOL)
     pyr_t, _ = pyramid.build_pyramid_triton(k, v, n, L, tail=tail, heavy=heavy)
     _close(_kernel(q, pyr_t, levels, m, packed), expected, **KERNEL_TOL)
@@ -73,7 +73,7 @@ def test_random_level_maps(L, m, n, D, count, device):
     heavy = _heavy(index, n)
     expected = _by_hand(q, k, v, levels, m, n, index.cpu().tolist())
     pyr = pyramid.build_pyramid(k, v, n, L, tail=True, heavy=heavy)
-    _close(pyramid.attention_reference(q, pyr, levels, m), expected, atol=1e-5, rtol=1e-5)
+    _close(attention.attention_reference(q, pyr, levels, m), expected, atol=1e-5, rtol=1e-5)
     pyr_t, _ = pyramid.build_pyramid_triton(k, v, n, L, tail=True, heavy=heavy)
     _close(pyr_t.tail_bias.double(), pyr.tail_bias.double(), atol=1e-6, rtol=1e-6)
     _close(_kernel(q, pyr_t, levels, m, True), expected, **KERNEL_TOL)
@@ -178,7 +178,7 @@ def test_schedule_column_biases_follow_the_level_map(dtype, device):
                          for _ in range(2)]).to(device)
     heavy = _heavy(index, n)
     pyr, _ = pyramid.build_pyramid_triton(k, v, n, L, tail=True, heavy=heavy)
-    sched = pyramid.build_schedule(levels, pyr, packed=True, tile_n=pyramid.TILE_WIDTH)
+    sched = schedule.build_schedule(levels, pyr, packed=True, tile_n=schedule.TILE_WIDTH)
     ninf = float("-inf")
     lv = levels.cpu().long()
     # real keys per (batch, head, key block) left for the tail: block length minus heavy keys
@@ -198,7 +198,7 @@ def test_schedule_column_biases_follow_the_level_map(dtype, device):
     want_heavy = torch.where((blk[:, :, None, :] >= 0) & (at == 0), 0.0, ninf).double()
     torch.testing.assert_close(sched.heavy_bias.cpu().double(), want_heavy, atol=0, rtol=0)
     # a schedule without the tail cannot drive a pyramid with one
-    bare = pyramid.build_schedule(levels, pyramid.build_pyramid_triton(k, v, n, L)[0], packed=True,
-                                  tile_n=pyramid.TILE_WIDTH)
+    bare = schedule.build_schedule(levels, pyramid.build_pyramid_triton(k, v, n, L)[0], packed=True,
+                                  tile_n=schedule.TILE_WIDTH)
     with pytest.raises(ValueError, match="schedule built from it"):
-        pyramid.attention_triton(q.to(dtype), pyr, bare, m)
+        attention.attention_triton(q.to(dtype), pyr, bare, m)

@@ -7,7 +7,7 @@ pyramid; the buffer's size; the public API's choice of layout."""
 import pytest
 import torch
 
-from psa_kernels import PSAConfig, api, psa_attention, pyramid
+from psa_kernels import PSAConfig, api, attention, psa_attention, pyramid, schedule
 from psa_kernels.heavy import HeavyKeys
 from psa_kernels.layout import arrange
 from psa_kernels.synthetic import relative_l2, structured_qkv
@@ -17,8 +17,8 @@ from test_psa_heavy import _by_hand
 
 def _run(q, pyr, levels, m, perm=None, packed=True):
     out = torch.full_like(q, float("nan"))
-    sched = pyramid.build_schedule(levels, pyr, packed=packed)
-    pyramid.attention_triton(q, pyr, sched, m, out=out, perm=perm)
+    sched = schedule.build_schedule(levels, pyr, packed=packed)
+    attention.attention_triton(q, pyr, sched, m, out=out, perm=perm)
     assert not torch.isnan(out).any(), "kernel left rows unwritten"
     return out
 
@@ -38,7 +38,7 @@ def test_hand_built_level_map(tail, packed, device):
     expected = _pyramid_by_hand(q, k, v, levels, m, n, tail=tail)
     pyr, _ = pyramid.build_pyramid_triton(k, v, n, L, tail=tail, level1=False)
     assert pyr.source is not None and pyr.base[2] == 0, "the buffer starts with level 2"
-    _close(pyramid.attention_reference(q, pyr, levels, m), expected, atol=1e-5, rtol=1e-5)
+    _close(attention.attention_reference(q, pyr, levels, m), expected, atol=1e-5, rtol=1e-5)
     _close(_run(q, pyr, levels, m, packed=packed), expected, **KERNEL_TOL)
     lean, _ = pyramid.build_pyramid_triton(k, v, n, L, tail=tail, level1=False, pooled=False)
     assert lean.levels_held == (1,)
@@ -67,7 +67,7 @@ def test_random_level_maps_through_perm(n, m, L, D, pooled, device):
         _close(got, expected, **KERNEL_TOL)
         # the same arithmetic as over the copy: only where the rows are read from changes
         _close(got, _run(q, copy, levels, m, perm), atol=1e-6, rtol=1e-6)
-        ref = pyramid.attention_reference(qa, pyr, levels, m)
+        ref = attention.attention_reference(qa, pyr, levels, m)
         _close(ref, arranged, atol=1e-5, rtol=1e-5)
 
 
@@ -84,7 +84,7 @@ def test_heavy_keys_and_tail(pooled, device):
     expected = _by_hand(q, k, v, levels, m, n, index.cpu().tolist())
     pyr, _ = pyramid.build_pyramid_triton(k, v, n, L, tail=True, heavy=heavy, level1=False, pooled=pooled)
     _close(_run(q, pyr, levels, m), expected, **KERNEL_TOL)
-    _close(pyramid.attention_reference(q, pyr, levels, m), expected, atol=1e-5, rtol=1e-5)
+    _close(attention.attention_reference(q, pyr, levels, m), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("tail,pooled", [(False, True), (True, True), (True, False), (False, False)])
@@ -106,8 +106,8 @@ def test_buffer_holds_only_what_the_kernel_reads(tail, pooled, device):
             assert torch.equal(pyr.v[:, :, a:a + size], full.v[:, :, b:b + size])
             assert torch.equal(pyr.bias[a:a + size], full.bias[b:b + size])
     assert (2 in pyr.base) == pooled and (0 in pyr.base) == tail
-    per_head = pyramid.attention_bytes_per_head(1, L, D, k.element_size(), 64, n, True, tail, False, pooled)
-    assert per_head < pyramid.attention_bytes_per_head(1, L, D, k.element_size(), 64, n, True, tail)
+    per_head = attention.attention_bytes_per_head(1, L, D, k.element_size(), 64, n, True, tail, False, pooled)
+    assert per_head < attention.attention_bytes_per_head(1, L, D, k.element_size(), 64, n, True, tail)
 
 
 def test_perm_must_be_the_pyramids(device):
@@ -116,11 +116,11 @@ def test_perm_must_be_the_pyramids(device):
     perm = torch.randperm(L, generator=torch.Generator().manual_seed(1)).to(device)
     pyr, _ = pyramid.build_pyramid_triton(k, v, n, L, perm=perm, level1=False)
     levels = _random_levels(1, 1, -(-L // 16), -(-L // n), seed=3).to(device)
-    sched = pyramid.build_schedule(levels, pyr, packed=True)
+    sched = schedule.build_schedule(levels, pyr, packed=True)
     with pytest.raises(ValueError, match="perm it was built with"):
-        pyramid.attention_triton(q, pyr, sched, 16, perm=perm.clone())
+        attention.attention_triton(q, pyr, sched, 16, perm=perm.clone())
     with pytest.raises(ValueError, match="perm it was built with"):
-        pyramid.attention_triton(q, pyr, sched, 16)
+        attention.attention_triton(q, pyr, sched, 16)
 
 
 def _cfg(ratios, **kw) -> PSAConfig:
@@ -171,8 +171,8 @@ def test_level1_pyramid_schedule_is_smaller_and_drops_pooled_pairs(device):
     assert int(((levels == 2) | (levels == 4) | (levels == 8)).sum()) > 0
     full, _ = pyramid.build_pyramid_triton(k, v, n, L, tail=True, level1=False)
     lean, _ = pyramid.build_pyramid_triton(k, v, n, L, tail=True, level1=False, pooled=False)
-    big = pyramid.build_schedule(levels, full, packed=True)
-    small = pyramid.build_schedule(levels, lean, packed=True)
+    big = schedule.build_schedule(levels, full, packed=True)
+    small = schedule.build_schedule(levels, lean, packed=True)
     assert small.segs.shape[-1] * 2 <= big.segs.shape[-1] and small.tile_level.shape[-1] * 2 <= big.tile_level.shape[-1]
     skipped = torch.where(levels == 1, levels, torch.zeros_like(levels))
     _close(_run(q, lean, levels, m), _pyramid_by_hand(q, k, v, skipped, m, n, tail=True), **KERNEL_TOL)

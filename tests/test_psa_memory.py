@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from psa_kernels import api, estimate, load_attention_config, pyramid
+from psa_kernels import api, attention, estimate, load_attention_config
 
 GiB = 1 << 30
 CARD = 24 * GiB                  # RTX 4090
@@ -50,7 +50,7 @@ def card(monkeypatch, batch: int, cache_slack: int = 256 << 20) -> int:
 
 def per_head(cfg, batch: int, in_place: bool = False) -> int:
     m, n = cfg.block_size.m, cfg.block_size.n
-    return max(pyramid.attention_bytes_per_head(batch, TOKENS, HEAD_DIM, 2, m, n, cfg.attn_impl == "new_mask_type",
+    return max(attention.attention_bytes_per_head(batch, TOKENS, HEAD_DIM, 2, m, n, cfg.attn_impl == "new_mask_type",
                                                 **api.pyramid_layout(cfg, in_place=in_place)),
                estimate.scratch_bytes_per_head(batch, TOKENS, m, n))
 

@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from psa_kernels import PSAConfig, psa_attention, psa_plan
-from psa_kernels import pyramid
+from psa_kernels import attention, pyramid, schedule
 from psa_kernels.synthetic import relative_l2, structured_qkv
 from test_psa_attention import HAND_LEVELS, KERNEL_TOL, _close, _kernel, _pyramid_by_hand, _random_levels
 
 
 def _kernel_tail(q, pyr, levels, m, packed, fold=True):
     out = torch.full_like(q, float("nan"))
-    sched = pyramid.build_schedule(levels, pyr, packed=packed, fold=fold)
-    pyramid.attention_triton(q, pyr, sched, m, out=out)
+    sched = schedule.build_schedule(levels, pyr, packed=packed, fold=fold)
+    attention.attention_triton(q, pyr, sched, m, out=out)
     assert not torch.isnan(out).any(), "kernel left rows unwritten"
     return out
 
@@ -29,7 +29,7 @@ def test_tail_hand_built_level_map(packed, device):
     without = _pyramid_by_hand(q, k, v, levels, m, n, tail=False)
     assert relative_l2(expected, without) > 1e-3  # the tail changes rows with skipped blocks
     pyr = pyramid.build_pyramid(k, v, n, L, tail=True)
-    _close(pyramid.attention_reference(q, pyr, levels, m), expected, atol=1e-5, rtol=1e-5)
+    _close(attention.attention_reference(q, pyr, levels, m), expected, atol=1e-5, rtol=1e-5)
     _close(_kernel_tail(q, pyr, levels, m, packed), expected, **KERNEL_TOL)
     pyr_t, _ = pyramid.build_pyramid_triton(k, v, n, L, tail=True)
     _close(_kernel_tail(q, pyr_t, levels, m, packed), expected, **KERNEL_TOL)
@@ -41,7 +41,7 @@ def test_tail_random_level_maps(L, m, n, D, device):
     q, k, v = structured_qkv((1, 1, L), heads=2, head_dim=D, seed=L + 7, device=device)
     levels = _random_levels(1, 2, -(-L // m), -(-L // n), seed=L + 1).to(device)
     pyr = pyramid.build_pyramid(k, v, n, L, tail=True)
-    ref = pyramid.attention_reference(q, pyr, levels, m)
+    ref = attention.attention_reference(q, pyr, levels, m)
     expected = _pyramid_by_hand(q, k, v, levels, m, n, tail=True)
     _close(ref, expected, atol=1e-5, rtol=1e-5)
     pyr_t, _ = pyramid.build_pyramid_triton(k, v, n, L, tail=True)
