@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from .pyramid import LEVEL_ORDER, LOG2E, Pyramid, pyramid_rows
-from .schedule import _RECORD, _SUB, COUNT_FIELDS, TILE_WIDTH, Schedule, _schedule_shape, tile_width
+from .schedule import (_BLOCKS, _MASKED, _RECORD, _REGULAR, _SEG, _SUB, COUNT_FIELDS, TILE_WIDTH, Schedule,
+                       _schedule_shape, tile_width)
 from .triton_compat import tl, triton
 
 
@@ -304,19 +305,23 @@ def _pyramid_attn_kernel(Q, KP, VP, Bias, Out, TileLevel, TileSeg, Counts, Segs,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     scale = sm_scale_log2
-    m_i, l_i, acc = _regular_loop(q, k1base, v1base, seg_row, 0, tl.load(rec + 0), tl.load(rec + 8), r, k1l, v1l,
-                                  dd, Perm, scale, m_i, l_i, acc, 1, N, TILE_N, PACKED, LOOP_STAGES, FOLD,
-                                  SRC_L1 and HAS_PERM)
-    m_i, l_i, acc = _regular_loop(q, kbase, vbase, seg_row, tl.load(rec + 5), tl.load(rec + 1), tl.load(rec + 9), r,
-                                  skl, svl, dd, Perm, scale, m_i, l_i, acc, 2, N, TILE_N, PACKED, LOOP_STAGES, FOLD)
-    m_i, l_i, acc = _regular_loop(q, kbase, vbase, seg_row, tl.load(rec + 6), tl.load(rec + 2), tl.load(rec + 10),
-                                  r, skl, svl, dd, Perm, scale, m_i, l_i, acc, 4, N, TILE_N, PACKED, LOOP_STAGES, FOLD)
-    m_i, l_i, acc = _regular_loop(q, kbase, vbase, seg_row, tl.load(rec + 7), tl.load(rec + 3), tl.load(rec + 11),
-                                  r, skl, svl, dd, Perm, scale, m_i, l_i, acc, 8, N, TILE_N, PACKED, LOOP_STAGES, FOLD)
+    # level by level: (first segment, regular tiles, key blocks) from the row's record
+    m_i, l_i, acc = _regular_loop(q, k1base, v1base, seg_row, 0, tl.load(rec + _REGULAR), tl.load(rec + _BLOCKS),
+                                  r, k1l, v1l, dd, Perm, scale, m_i, l_i, acc, 1, N, TILE_N, PACKED, LOOP_STAGES,
+                                  FOLD, SRC_L1 and HAS_PERM)
+    m_i, l_i, acc = _regular_loop(q, kbase, vbase, seg_row, tl.load(rec + _SEG), tl.load(rec + _REGULAR + 1),
+                                  tl.load(rec + _BLOCKS + 1), r, skl, svl, dd, Perm, scale, m_i, l_i, acc,
+                                  2, N, TILE_N, PACKED, LOOP_STAGES, FOLD)
+    m_i, l_i, acc = _regular_loop(q, kbase, vbase, seg_row, tl.load(rec + _SEG + 1), tl.load(rec + _REGULAR + 2),
+                                  tl.load(rec + _BLOCKS + 2), r, skl, svl, dd, Perm, scale, m_i, l_i, acc,
+                                  4, N, TILE_N, PACKED, LOOP_STAGES, FOLD)
+    m_i, l_i, acc = _regular_loop(q, kbase, vbase, seg_row, tl.load(rec + _SEG + 2), tl.load(rec + _REGULAR + 3),
+                                  tl.load(rec + _BLOCKS + 3), r, skl, svl, dd, Perm, scale, m_i, l_i, acc,
+                                  8, N, TILE_N, PACKED, LOOP_STAGES, FOLD)
     # masked tiles: empty slots or the partial last block, masked loads and the per-row
     # ln(count) bias (pipelined by the kernel-wide num_stages; the loop's own pipelining moved
     # the time by -3% to +7% by preset, benchmarks/NOTES.md change 18)
-    for t in range(s_tl - tl.load(rec + 4), s_tl):
+    for t in range(s_tl - tl.load(rec + _MASKED), s_tl):
         m_i, l_i, acc = _masked_step(q, kbase, vbase, Bias, TileLevel + tiles + t, TileSeg + tiles + t, seg_row,
                                      r, skl, svl, dd, k1base, v1base, k1l, Perm, L, scale, m_i, l_i, acc,
                                      N, TILE_N, PACKED, SRC_L1, HAS_PERM)

@@ -50,6 +50,12 @@ class Schedule:
 COUNT_FIELDS = ("regular1", "regular2", "regular4", "regular8", "masked", "seg2", "seg4", "seg8",
                 "blocks1", "blocks2", "blocks4", "blocks8")
 _RECORD = tl.constexpr(len(COUNT_FIELDS))  # the record's length, as the kernels see it
+# the record's fields as the kernels address them: a level's field is the level-1 one + 0, 1, 2, 3
+# for levels 1, 2, 4, 8 (seg: + 0, 1, 2 for levels 2, 4, 8)
+_REGULAR = tl.constexpr(COUNT_FIELDS.index("regular1"))
+_MASKED = tl.constexpr(COUNT_FIELDS.index("masked"))
+_SEG = tl.constexpr(COUNT_FIELDS.index("seg2"))
+_BLOCKS = tl.constexpr(COUNT_FIELDS.index("blocks1"))
 
 
 SCHEDULE_CHUNK = 64  # tiles of a level written per step of the schedule kernel
@@ -161,18 +167,18 @@ def _schedule_kernel(Levels, Segs, TileLevel, TileSeg, Counts, nkb, tail_block, 
     _, r8, m8 = _schedule_tiles(segs, tlev, tseg, c8, s8, m1 + m2 + m4, tail_lv == 8, last,
                                 8, PT8, SP8, AM8, FOLD, TCH)
     rec = Counts + row * _RECORD
-    tl.store(rec + 0, r1)
-    tl.store(rec + 1, r2)
-    tl.store(rec + 2, r4)
-    tl.store(rec + 3, r8)
-    tl.store(rec + 4, m1 + m2 + m4 + m8)
-    tl.store(rec + 5, s2)
-    tl.store(rec + 6, s4)
-    tl.store(rec + 7, s8)
-    tl.store(rec + 8, c1)
-    tl.store(rec + 9, c2)
-    tl.store(rec + 10, c4)
-    tl.store(rec + 11, c8)
+    tl.store(rec + _REGULAR, r1)
+    tl.store(rec + _REGULAR + 1, r2)
+    tl.store(rec + _REGULAR + 2, r4)
+    tl.store(rec + _REGULAR + 3, r8)
+    tl.store(rec + _MASKED, m1 + m2 + m4 + m8)
+    tl.store(rec + _SEG, s2)
+    tl.store(rec + _SEG + 1, s4)
+    tl.store(rec + _SEG + 2, s8)
+    tl.store(rec + _BLOCKS, c1)
+    tl.store(rec + _BLOCKS + 1, c2)
+    tl.store(rec + _BLOCKS + 2, c4)
+    tl.store(rec + _BLOCKS + 3, c8)
 
 
 def _schedule_shape(nkb: int, n: int, packed: bool, tn: int, held: tuple = LEVEL_ORDER):
