@@ -102,6 +102,14 @@ def _unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _offsets_fit_int32(*tensors: torch.Tensor | None) -> bool:
+    """Whether every element offset of these tensors fits in 32 bits, so the kernels may
+    address rows through an int32 arranged order (one index register a row, 32-bit address
+    arithmetic: NOTES.md change 40)."""
+    return all(sum((size - 1) * abs(stride) for size, stride in zip(x.shape, x.stride())) < 2 ** 31
+               for x in tensors if x is not None)
+
+
 def pyramid_layout(cfg: PSAConfig, k: torch.Tensor | None = None, v: torch.Tensor | None = None,
                    in_place: bool = False) -> dict:
     """What the Triton pyramid of a preset holds (:func:`pyramid.build_pyramid_triton`'s
@@ -158,8 +166,10 @@ def psa_plan(q: torch.Tensor, k: torch.Tensor, cfg: PSAConfig, grid, text_len: i
     m, n = cfg.block_size.m, cfg.block_size.n
     L = q.shape[2]
     video_len = L - text_len
+    index = torch.int32 if backend == "triton" and _offsets_fit_int32(q, k, v) else torch.int64
     perm, inv = sequence_permutation(tuple(int(g) for g in grid), text_len, text_first,
-                                     cfg.rearrange_method, tuple(cfg.tile_size), cfg.use_rearrange, q.device)
+                                     cfg.rearrange_method, tuple(cfg.tile_size), cfg.use_rearrange, q.device,
+                                     index)
     nqb, nkb = -(-L // m), -(-L // n)
     text_q = torch.arange(nqb, device=q.device) * m + m > video_len if text_len else None
     text_k = torch.arange(nkb, device=q.device) * n + n > video_len if text_len else None

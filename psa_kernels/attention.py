@@ -356,7 +356,7 @@ class LaunchConfig:
 
 
 def kernel_launch_config(m: int, tile_n: int, packed: bool = True, head_dim: int = 128,
-                         major: int = 9) -> LaunchConfig:
+                         major: int = 9, in_place: bool = False) -> LaunchConfig:
     """The fastest launch of the H100 sweeps (benchmarks/NOTES.md, change 18). For 128-row
     query blocks on 64-row tiles: 8 warps, 2 stages and at most 128 registers a thread, so
     that two programs share a multiprocessor (one's softmax runs under the other's matrix
@@ -364,9 +364,10 @@ def kernel_launch_config(m: int, tile_n: int, packed: bool = True, head_dim: int
     memory holds two programs (Hopper, compute capability ``major`` >= 9; elsewhere it would
     only add spills) and the accumulator fits under it (head dim <= 128). Wider tiles: 8
     warps and 3 stages (2 where one key block per tile leaves most tiles masked). Smaller
-    query blocks: 4 warps, 2 stages."""
+    query blocks: 4 warps, 2 stages. Level 1 read ``in_place`` (gathered rows): the loops
+    pipelined 2 deep (H200 probe, NOTES.md change 40)."""
     if m >= 128 and tile_n <= 64:
-        return LaunchConfig(8, 2, 128 if head_dim <= 128 and major >= 9 else None, 3)
+        return LaunchConfig(8, 2, 128 if head_dim <= 128 and major >= 9 else None, 2 if in_place else 3)
     if m >= 128:
         return LaunchConfig(8, 3 if packed else 2)
     return LaunchConfig(4, 2)
@@ -394,7 +395,7 @@ def attention_triton(q: torch.Tensor, pyr: Pyramid, sched: Schedule, m: int,
     if out is None:
         out = torch.empty_like(q)
     major = torch.cuda.get_device_capability(q.device)[0] if q.is_cuda else 9
-    cfg = kernel_launch_config(m, sched.tile_n, sched.packed, D, major)
+    cfg = kernel_launch_config(m, sched.tile_n, sched.packed, D, major, pyr.source is not None)
     sm_scale_log2 = LOG2E / math.sqrt(D)
     tail, heavy = pyr.has_tail, pyr.has_heavy
     nkb = -(-L // pyr.n)

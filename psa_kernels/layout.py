@@ -228,6 +228,7 @@ _device_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor] | tuple[None, None]
 def sequence_permutation(grid: tuple[int, int, int], text_len: int = 0, text_first: bool = False,
                          method: str = "Gilbert", tile_size: tuple[int, int, int] = (2, 8, 8),
                          rearrange: bool = True, device: torch.device | str = "cpu",
+                         index_dtype: torch.dtype = torch.int64,
                          ) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
     """Gather indices ``(perm, inv)`` over a sequence of T*H*W video and ``text_len`` text tokens.
 
@@ -235,10 +236,13 @@ def sequence_permutation(grid: tuple[int, int, int], text_len: int = 0, text_fir
     ``rearrange`` is False) followed by the text tokens in their original order; the caller's
     sequence has the text before the video when ``text_first``, after it otherwise.
     ``arranged[..., inv, :]`` restores the caller's order. Returns ``(None, None)`` when the
-    permutation is the identity, so callers can skip the gather. Both are int64 on ``device``
-    and cached per argument set: the tensors are shared, do not modify them.
+    permutation is the identity, so callers can skip the gather. Both are ``index_dtype``
+    (int64, or int32: the kernels then address rows in 32 bits, benchmarks/NOTES.md change 40)
+    on ``device`` and cached per argument set: the tensors are shared, do not modify them.
     """
-    key = (grid, text_len, text_first, method, tile_size, rearrange, device)
+    if index_dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"index_dtype: got {index_dtype}; allowed: torch.int64, torch.int32")
+    key = (grid, text_len, text_first, method, tile_size, rearrange, device, index_dtype)
     try:
         return _device_cache[key]
     except (KeyError, TypeError):  # TypeError: an unhashable grid such as a list
@@ -250,7 +254,7 @@ def sequence_permutation(grid: tuple[int, int, int], text_len: int = 0, text_fir
                                  as_index(text_len, "text_len", 0), bool(text_first), method,
                                  _positive_triple(tile_size, "tile_size"), bool(rearrange))
     if perm is not None:
-        perm, inv = perm.to(device), inv.to(device)
+        perm, inv = perm.to(device, index_dtype), inv.to(device, index_dtype)
     try:
         if len(_device_cache) >= _DEVICE_CACHE_SIZE:
             del _device_cache[next(iter(_device_cache))]  # oldest entry first

@@ -66,7 +66,7 @@ def variants(arch: int = 90):
         splits = 2 if n == 32 else 1
         yield (f"estimate m{m} n{n} splits{splits}", estimate._estimate_kernel,
                {"Q": "bf16", "K": "bf16", "Part": "fp32", "MaxAt": "fp32", "MaxEnd": "fp32", "Norm": "fp32",
-                "QWeight": "fp32", "Perm": "i64"}, ("sm_scale_log2",),
+                "QWeight": "fp32", "Perm": "i32"}, ("sm_scale_log2",),
                dict(H=12, D=128, M=m, N=n, SQ=sq, SK=sk, QBLOCKS=128 // sq, KBLOCKS=128 // sk, SPLITS=splits,
                     HAS_PERM=True),
                {"num_warps": 8})
@@ -74,7 +74,7 @@ def variants(arch: int = 90):
                {"Part": "fp32", "MaxAt": "fp32", "MaxEnd": "fp32", "Norm": "fp32", "QWeight": "fp32", "Out": "fp32"},
                (), dict(H=12, SQ=sq, KBLOCKS=128 // sk, CHUNK=estimate.REDUCE_CHUNK, SPLITS=splits), {"num_warps": 4})
     for block in (64, 128):
-        yield (f"block means {block}", estimate._block_mean_kernel, {"X": "bf16", "Out": "fp32", "Perm": "i64"}, (),
+        yield (f"block means {block}", estimate._block_mean_kernel, {"X": "bf16", "Out": "fp32", "Perm": "i32"}, (),
                dict(H=12, D=128, BLOCK=block, CH=32, HAS_PERM=True), {"num_warps": 4})
     bounds = ("r1lo", "r1hi", "r2lo", "r2hi", "r4lo", "r4hi", "r8lo", "r8hi")
     for threshold, nkb, presorted in ((True, 512, False), (False, 4096, True)):
@@ -98,7 +98,7 @@ def variants(arch: int = 90):
         yield (f"pyramid build sim={with_sim} pyramid={with_pyramid} level1={level1} pooled={pooled}",
                pyramid._pyramid_build_kernel,
                {"K": "bf16", "V": "bf16", "KP": "bf16", "VP": "bf16", "Bias": "fp32",
-                "SimSum": "fp32", "SimCnt": "fp32", "Perm": "i64"}, (),
+                "SimSum": "fp32", "SimCnt": "fp32", "Perm": "i32"}, (),
                dict(H=12, D=128, CH=pyramid.BUILD_CHUNK, WITH_SIM=with_sim, WITH_PYRAMID=with_pyramid,
                     HAS_PERM=True, LEVEL1=level1, POOLED=pooled, LEVEL8=level8),
                {"num_warps": pyramid.BUILD_WARPS})
@@ -127,7 +127,8 @@ def variants(arch: int = 90):
                     AM1=False, AM2=False, AM4=False, AM8=False, FOLD=True, TCH=schedule.SCHEDULE_CHUNK,
                     POOLED=pooled),
                {})
-    # level 1 read in place (what the API launches) and copied (the torch-built pyramids)
+    # level 1 read in place (what the API launches, through an int32 arranged order) and copied
+    # (the torch-built pyramids; an int64 order, what the API passes for tensors past 2**31 elements)
     for m, n, packed, d, fold, tail, heavy, in_place in (
             (128, 128, True, 128, True, False, False, True), (128, 64, True, 128, True, False, False, True),
             (128, 32, True, 128, True, False, False, True), (128, 32, True, 128, False, False, False, False),
@@ -137,14 +138,14 @@ def variants(arch: int = 90):
             (128, 64, True, 128, True, True, True, True), (128, 32, True, 128, True, False, True, True),
             (128, 64, True, 128, True, False, False, False), (128, 64, True, 128, True, True, True, False)):
         tile_n = schedule.tile_width(n)
-        launch = kernel_launch_config(m, tile_n, packed, d, major=arch // 10)
+        launch = kernel_launch_config(m, tile_n, packed, d, major=arch // 10, in_place=in_place)
         options = {"num_warps": launch.num_warps, "num_stages": launch.num_stages}
         if launch.maxnreg:
             options["maxnreg"] = launch.maxnreg
         yield (f"attention m{m} n{n} packed={packed} d{d} fold={fold} tail={tail} heavy={heavy} in_place={in_place}",
                attention._pyramid_attn_kernel,
                {"Q": "bf16", "KP": "bf16", "VP": "bf16", "Bias": "fp32", "Out": "bf16", "TileLevel": "i32",
-                "TileSeg": "i32", "Counts": "i32", "Segs": "i32", "Perm": "i64",
+                "TileSeg": "i32", "Counts": "i32", "Segs": "i32", "Perm": "i32" if in_place else "i64",
                 "TailBias": "fp16", "HK": "bf16", "HV": "bf16", "HBias": "fp16", "K1": "bf16", "V1": "bf16"},
                ("sm_scale_log2",),
                dict(H=12, D=d, BLOCK_M=m, N=n, TILE_N=tile_n, PACKED=packed, HAS_PERM=True,

@@ -170,6 +170,9 @@ def test_level_split_and_launch_config():
     # registers) for head dims up to 128; no cap where the accumulator alone needs more
     cfg = attention.kernel_launch_config(128, 64, True, 128)
     assert (cfg.num_warps, cfg.num_stages, cfg.maxnreg, cfg.loop_stages) == (8, 2, 128, 3)
+    # level 1 gathered in place: the same launch with the loops pipelined 2 deep
+    gathered = attention.kernel_launch_config(128, 64, True, 128, in_place=True)
+    assert (gathered.num_warps, gathered.num_stages, gathered.maxnreg, gathered.loop_stages) == (8, 2, 128, 2)
     assert attention.kernel_launch_config(128, 64, True, 256).maxnreg is None
     assert attention.kernel_launch_config(128, 64, True, 128, major=8).maxnreg is None  # one program an SM
     assert attention.kernel_launch_config(64, 64, True, 64).num_warps == 4

@@ -69,6 +69,10 @@ def test_random_level_maps_through_perm(n, m, L, D, pooled, device):
         _close(got, _run(q, copy, levels, m, perm), atol=1e-6, rtol=1e-6)
         ref = attention.attention_reference(qa, pyr, levels, m)
         _close(ref, arranged, atol=1e-5, rtol=1e-5)
+        # the API's int32 arranged order (NOTES.md change 40): the same rows, bit for bit
+        narrow = perm.to(torch.int32)
+        pyr32, _ = pyramid.build_pyramid_triton(k, v, n, L, perm=narrow, tail=tail, level1=False, pooled=pooled)
+        assert torch.equal(_run(q, pyr32, levels, m, narrow), got)
 
 
 @pytest.mark.parametrize("pooled", [True, False])
@@ -140,6 +144,24 @@ def test_layout_follows_the_preset_and_the_strides(device):
     # keys and values of different layouts (values heads-major, keys tokens-major): level 1 copied
     v = torch.zeros(1, 40, 2, 16, device=device).transpose(1, 2)
     assert api.pyramid_layout(level1, k, v, in_place=True)["level1"] is True
+
+
+def test_api_index_width(device):
+    # the kernels get an int32 arranged order when every element offset fits in 32 bits,
+    # the torch path and larger tensors keep int64; both orders hold the same positions
+    grid = (2, 4, 6)
+    cfg = _cfg({1: [0.0, 0.25], 0: [0.25, 1.0]}, use_pooled_tail=True)
+    q, k, v = structured_qkv(grid, heads=2, head_dim=16, seed=5, device=device)
+    wide = api.psa_plan(q, k, cfg, grid, backend="torch")
+    narrow = api.psa_plan(q, k, cfg, grid, backend="triton", v=v)
+    assert wide.perm.dtype == wide.inv.dtype == torch.int64
+    assert narrow.perm.dtype == narrow.inv.dtype == torch.int32
+    assert torch.equal(narrow.perm.long(), wide.perm) and torch.equal(narrow.inv.long(), wide.inv)
+    assert api._offsets_fit_int32(q, k, v, None)
+    big = torch.empty(1, 40, 2 ** 16, 2 ** 10, device="meta")  # offsets up to 2**32 - 1
+    assert not api._offsets_fit_int32(q, big)
+    assert not api._offsets_fit_int32(big[:, :, :2 ** 10])  # a slice along L keeps the head stride
+    assert api._offsets_fit_int32(big[:, :2])
 
 
 @pytest.mark.parametrize("ratios,tail", [({1: [0.0, 0.25], 0: [0.25, 1.0]}, True),

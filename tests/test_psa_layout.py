@@ -153,6 +153,9 @@ def test_arrange_then_restore_is_exact(case):
         assert arrange(x, perm) is x and restore(x, inv) is x
         return
     assert perm.dtype == inv.dtype == torch.int64
+    narrow = sequence_permutation(grid, tile_size=(2, 2, 4), index_dtype=torch.int32, **case)
+    assert narrow[0].dtype == narrow[1].dtype == torch.int32
+    assert torch.equal(narrow[0].long(), perm) and torch.equal(narrow[1].long(), inv)
     assert torch.equal(perm[inv], torch.arange(perm.numel()))
     assert torch.equal(inv[perm], torch.arange(perm.numel()))
     arranged = arrange(x, perm)
@@ -229,3 +232,9 @@ def test_bad_tile_size_is_rejected(tile):
 def test_negative_text_len_is_rejected():
     with pytest.raises(ValueError, match="text_len"):
         sequence_permutation((2, 4, 4), text_len=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.float32, torch.uint8])
+def test_bad_index_dtype_is_rejected(dtype):
+    with pytest.raises(ValueError, match="index_dtype.*allowed: torch.int64, torch.int32"):
+        sequence_permutation((2, 4, 4), index_dtype=dtype)
