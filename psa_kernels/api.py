@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from . import attention, estimate, levels as levels_mod, pyramid, schedule
+from .tail_spread import tail_spread_bias
 from .heavy import HeavyKeys, heavy_per_row, select_heavy_keys
 from .config import PSAConfig
 from .layout import arrange, as_index, restore, sequence_permutation
@@ -41,6 +42,7 @@ class PSAPlan:
     tail_n: int = 0                   # key block size when level-0 blocks form a pooled tail
     heavy: HeavyKeys | None = None    # heavy keys per head (``heavy_keys``)
     key_block: int = 0                # key block size n
+    tail_spread: torch.Tensor | None = None  # [B, H, nqb, nkb] tail bias correction (tail_correction)
 
     def density(self) -> torch.Tensor:
         """[B, H] density (PSAStats' definition), on the plan's device: no host synchronisation."""
@@ -56,7 +58,8 @@ class PSAPlan:
     def heads(self, sl: slice) -> "PSAPlan":
         """This plan for a slice of the heads (the pyramid is left out)."""
         return dataclasses.replace(self, levels=self.levels[:, sl], scores=self.scores[:, sl], pyramid=None,
-                                   heavy=self.heavy.heads(sl) if self.heavy is not None else None)
+                                   heavy=self.heavy.heads(sl) if self.heavy is not None else None,
+                                   tail_spread=self.tail_spread[:, sl] if self.tail_spread is not None else None)
 
 
 def _stats(levels: torch.Tensor, dens: torch.Tensor) -> PSAStats:
@@ -173,7 +176,8 @@ def psa_plan(q: torch.Tensor, k: torch.Tensor, cfg: PSAConfig, grid, text_len: i
     nqb, nkb = -(-L // m), -(-L // n)
     text_q = torch.arange(nqb, device=q.device) * m + m > video_len if text_len else None
     text_k = torch.arange(nkb, device=q.device) * n + n > video_len if text_len else None
-    pyr = sim = heavy = None
+    pyr = sim = heavy = spread = None
+    with_spread = cfg.use_pooled_tail and cfg.tail_correction == "variance"
     if cfg.heavy_keys:
         triton_path = backend == "triton"
         heavy = select_heavy_keys(q, _unit_stride(k) if triton_path else k, cfg.heavy_keys, n, inv, video_len,
@@ -187,6 +191,8 @@ def psa_plan(q: torch.Tensor, k: torch.Tensor, cfg: PSAConfig, grid, text_len: i
         else:
             scores = estimate.estimate_triton(q, k, m, n, perm, heads_per_pass=heads_per_pass)
         lv = levels_mod.assign_levels_triton(scores, cfg, text_q, text_k)
+        if with_spread:
+            spread = tail_spread_bias(q, k, m, n, perm, heavy)
         if keep_pyramid or cfg.use_sim_mask:
             v = _unit_stride(v) if keep_pyramid else None
             pyr, sim = pyramid.build_pyramid_triton(k, v, n, L, cfg.use_sim_mask, perm,
@@ -197,11 +203,21 @@ def psa_plan(q: torch.Tensor, k: torch.Tensor, cfg: PSAConfig, grid, text_len: i
         scores = (estimate.estimate_block_mean(qa, ka, m, n, triton_means=False) if cfg.estimate_method == "block_mean"
                   else estimate.estimate_reference(qa, ka, m, n))
         lv = levels_mod.assign_levels(scores, cfg, text_q, text_k)
+        if with_spread:
+            spread = tail_spread_bias(qa, ka, m, n, heavy=_arranged(heavy, inv), use_triton=False)
         if cfg.use_sim_mask:
             sim = levels_mod.key_similarity(ka, n, L)
     if cfg.use_sim_mask:
         lv = levels_mod.apply_similarity_guard(lv, sim, cfg)
-    return PSAPlan(perm, inv, scores, lv, video_len, backend, pyr, n if cfg.use_pooled_tail else 0, heavy, n)
+    return PSAPlan(perm, inv, scores, lv, video_len, backend, pyr, n if cfg.use_pooled_tail else 0, heavy, n,
+                   spread)
+
+
+def _arranged(heavy: HeavyKeys | None, inv: torch.Tensor | None) -> HeavyKeys | None:
+    """Heavy keys with their positions in the arranged order (the torch path's)."""
+    if heavy is None or inv is None:
+        return heavy
+    return HeavyKeys(inv.long()[heavy.index], heavy.block)
 
 
 # torch.compile (ComfyUI's TorchCompileModel included) leaves the call out of its graph: the
@@ -303,11 +319,11 @@ def _attend(q, k, v, cfg: PSAConfig, plan: PSAPlan, out: torch.Tensor | None = N
             k, v = _unit_stride(k), _unit_stride(v)
             pyr, _ = pyramid.build_pyramid_triton(k, v, n, L, perm=plan.perm, heavy=plan.heavy,
                                                   **pyramid_layout(cfg, k, v, in_place))
-        sched = schedule.build_schedule(plan.levels, pyr, packed=cfg.attn_impl == "new_mask_type")
+        sched = schedule.build_schedule(plan.levels, pyr, packed=cfg.attn_impl == "new_mask_type",
+                                        tail_spread=plan.tail_spread)
         return attention.attention_triton(_unit_stride(q), pyr, sched, m, out=out, perm=plan.perm)
-    heavy = plan.heavy
-    if heavy is not None and plan.inv is not None:  # the reference pyramid is built in the arranged order
-        heavy = HeavyKeys(plan.inv[heavy.index], heavy.block)
+    # the reference pyramid is built in the arranged order
     pyr = pyramid.build_pyramid(arrange(k, plan.perm), arrange(v, plan.perm), n, L, tail=cfg.use_pooled_tail,
-                                heavy=heavy)
-    return restore(attention.attention_reference(arrange(q, plan.perm), pyr, plan.levels, m), plan.inv)
+                                heavy=_arranged(plan.heavy, plan.inv))
+    return restore(attention.attention_reference(arrange(q, plan.perm), pyr, plan.levels, m,
+                                                 tail_spread=plan.tail_spread), plan.inv)

@@ -52,27 +52,35 @@ def _reference_rows(pyr: Pyramid, b: int, h: int, nkb: int):
 
 
 def attention_reference(q: torch.Tensor, pyr: Pyramid, levels: torch.Tensor, m: int,
-                        q_chunk: int = 1024) -> torch.Tensor:
+                        q_chunk: int = 1024, tail_spread: torch.Tensor | None = None) -> torch.Tensor:
     """Pyramid attention in torch (float32 math), straight from the level map.
 
     q: [B, H, L, D] arranged; levels: [B, H, nqb, nkb]. Each query attends to every
     pyramid row whose (query block, key block) pair has that row's level; with a tail, also
     to the mean of every block at level 0, and with heavy keys to each heavy key whose block
     is at level 0. Any pyramid, that of :func:`build_pyramid` or :func:`build_pyramid_triton`
-    (level 1 read in place included).
+    (level 1 read in place included). ``tail_spread`` [B, H, nqb, nkb] (natural log) is added
+    to the logit of each tail row of a skipped pair (:mod:`tail_spread`).
     """
     B, H, L, D = q.shape
     nkb = levels.shape[-1]
+    if tail_spread is not None and not pyr.has_tail:
+        raise ValueError("tail_spread needs a pyramid with a tail")
     scale = 1.0 / math.sqrt(D)
     out = torch.empty_like(q)
     for b in range(B):
         for h in range(H):
             kf, vf, bias, lvl_of_row, kblock_of_row = _reference_rows(pyr, b, h, nkb)
+            tail_rows = lvl_of_row == 0  # the tail's rows, then heavy keys (level 0 too) at the end
+            if pyr.has_heavy:
+                tail_rows[-pyr.heavy_block.shape[-1]:] = False
             for s in range(0, L, q_chunk):
                 qc = q[b, h, s:s + q_chunk].float()
                 qblk = torch.arange(s, s + qc.shape[0], device=q.device) // m
                 lv = levels[b, h][qblk][:, kblock_of_row]  # [rows_q, pyramid and heavy rows]
                 logits = qc @ kf.T * scale + bias
+                if tail_spread is not None:
+                    logits[:, tail_rows] += tail_spread[b, h][qblk][:, kblock_of_row[tail_rows]].float()
                 logits = logits.masked_fill(lv != lvl_of_row, float("-inf"))
                 out[b, h, s:s + q_chunk] = (logits.softmax(-1) @ vf).to(q.dtype)
     return out

@@ -27,6 +27,7 @@ MASK_MODES = ("thresholdbound", "topk")
 ATTN_IMPLS = ("new_mask_type", "old_mask_type")
 REARRANGE_METHODS = ("Gilbert", "Tiled")
 ESTIMATE_METHODS = ("sampled", "block_mean")
+TAIL_CORRECTIONS = ("none", "variance")
 PRESET_TYPES = ("psa", "dense")
 BLOCK_SIZES_M = (16, 32, 64, 128)
 BLOCK_SIZES_N = (16, 32, 64, 128)
@@ -214,7 +215,7 @@ DEFAULT_MASK_RATIOS = {1: (0.0, 0.4), 2: (0.4, 0.5), 4: (0.5, 0.6), 8: (0.6, 0.8
 _PRESET_FIELDS = ("type", "description", "use_rearrange", "use_sim_mask", "block_size",
                   "mask_ratios", "mask_mode", "attn_impl", "tile_size", "warmup_steps",
                   "rearrange_method", "verbose", "sim_thresholds", "use_pooled_tail",
-                  "estimate_method", "heavy_keys")
+                  "estimate_method", "heavy_keys", "tail_correction")
 
 
 @dataclass(frozen=True)
@@ -242,6 +243,9 @@ class PSAConfig:
     # Keys per head that every query block skipping their block attends exactly (0: none);
     # they leave their blocks' tail means (psa_kernels/heavy.py).
     heavy_keys: int = 0
+    # With the pooled tail: "variance" adds to each skipped block's bias the second-order mass
+    # its keys' spread adds to the mean key's (psa_kernels/tail_spread.py); "none" leaves ln(n).
+    tail_correction: str = "none"
     # Fields present in the dict this preset was read from; a dense preset writes back only these.
     given: frozenset = field(default=frozenset(_PRESET_FIELDS), compare=False, repr=False)
 
@@ -271,6 +275,7 @@ class PSAConfig:
         out["rearrange_method"] = _choice(self.rearrange_method, "rearrange_method", REARRANGE_METHODS)
         out["estimate_method"] = _choice(self.estimate_method, "estimate_method", ESTIMATE_METHODS)
         out["heavy_keys"] = _as_int(self.heavy_keys, "heavy_keys", 0, MAX_HEAVY_KEYS)
+        out["tail_correction"] = _choice(self.tail_correction, "tail_correction", TAIL_CORRECTIONS)
         if not isinstance(self.sim_thresholds, SimThresholds):
             _fail("sim_thresholds", f"got {show(self.sim_thresholds)}; allowed: a SimThresholds(x2, x4, x8)")
         given = self.given
@@ -302,7 +307,7 @@ class PSAConfig:
         kw: dict[str, Any] = {k: d[k] for k in ("type", "use_rearrange", "use_sim_mask", "verbose",
                                                  "use_pooled_tail", "mask_ratios", "mask_mode", "attn_impl",
                                                  "tile_size", "warmup_steps", "rearrange_method", "estimate_method",
-                                                 "heavy_keys") if k in d}
+                                                 "heavy_keys", "tail_correction") if k in d}
         if "description" in d:
             desc = d["description"]
             kw["description"] = "" if desc is None else _text(desc)
@@ -340,6 +345,7 @@ class PSAConfig:
             "use_pooled_tail": self.use_pooled_tail,
             "estimate_method": self.estimate_method,
             "heavy_keys": self.heavy_keys,
+            "tail_correction": self.tail_correction,
         }
         if self.is_dense:
             keep = set(self.given) | {"type"}

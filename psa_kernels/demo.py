@@ -125,7 +125,7 @@ def main(argv=None) -> None:
           + ", ".join(f"{lvl}: {n}" for lvl, n in stats.level_counts.items()))
     print(f"  relative L2 error against dense attention: {relative_l2(out, dense):.4f}")
     shown = min(PANELS, H)
-    print(f"  density per head: " + ", ".join(f"{d:.3f}" for d in stats.density_per_head.tolist()))
+    print("  density per head: " + ", ".join(f"{d:.3f}" for d in stats.density_per_head.tolist()))
     print(f"  level maps of heads 0-{shown - 1} written to {picture}")
 
 

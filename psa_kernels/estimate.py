@@ -254,9 +254,10 @@ def estimate_triton(q: torch.Tensor, k: torch.Tensor, m: int, n: int,
 @triton.jit
 def _block_mean_kernel(X, Out, Perm, L, sxb, sxh, sxl, sob, soh, sol,
                        H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, CH: tl.constexpr,
-                       HAS_PERM: tl.constexpr):
+                       HAS_PERM: tl.constexpr, SQUARE: tl.constexpr):
     # One program: the mean of one block of BLOCK arranged rows of one (batch, head), in
-    # float32, summed CH rows at a time; padding rows count for nothing.
+    # float32, summed CH rows at a time; padding rows count for nothing. SQUARE: the mean of
+    # the rows' elementwise squares.
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -269,8 +270,11 @@ def _block_mean_kernel(X, Out, Perm, L, sxb, sxh, sxl, sob, soh, sol,
         src = r
         if HAS_PERM:
             src = tl.load(Perm + r, mask=valid, other=0)
-        x = tl.load(X + b * sxb + h * sxh + src[:, None] * sxl + dd[None, :], mask=valid[:, None], other=0.0)
-        acc += x.to(tl.float32)
+        x = tl.load(X + b * sxb + h * sxh + src[:, None] * sxl + dd[None, :], mask=valid[:, None],
+                    other=0.0).to(tl.float32)
+        if SQUARE:
+            x = x * x
+        acc += x
     cnt = tl.minimum(L - blk * BLOCK, BLOCK).to(tl.float32)
     tl.store(Out + b * sob + h * soh + blk * sol + dd, tl.sum(acc, 0) / cnt)
 
@@ -290,16 +294,19 @@ def block_log_lengths(L: int, block: int, device: torch.device) -> torch.Tensor:
     return block_lengths(L, block, device).log()
 
 
-def block_means_reference(x: torch.Tensor, block: int) -> torch.Tensor:
+def block_means_reference(x: torch.Tensor, block: int, square: bool = False) -> torch.Tensor:
     """[B, H, nblocks, D] float32 means of ``block`` consecutive rows of x [B, H, L, D] (arranged);
-    a partial last block is the mean of its real rows."""
+    a partial last block is the mean of its real rows. ``square``: means of the rows' squares."""
     B, H, L, D = x.shape
     nb = -(-L // block)
     xa = torch.nn.functional.pad(x.float(), (0, 0, 0, nb * block - L))
+    if square:
+        xa = xa * xa
     return xa.view(B, H, nb, block, D).sum(3) / block_lengths(L, block, x.device)[:, None]
 
 
-def block_means_triton(x: torch.Tensor, block: int, perm: torch.Tensor | None = None) -> torch.Tensor:
+def block_means_triton(x: torch.Tensor, block: int, perm: torch.Tensor | None = None,
+                       square: bool = False) -> torch.Tensor:
     """:func:`block_means_reference` in one Triton pass; with ``perm`` x is in the caller's order
     and is read as ``x[..., perm, :]`` without a copy."""
     B, H, L, D = x.shape
@@ -310,7 +317,7 @@ def block_means_triton(x: torch.Tensor, block: int, perm: torch.Tensor | None = 
     _block_mean_kernel[(nb, B * H)](
         x, out, perm if perm is not None else out, L, x.stride(0), x.stride(1), x.stride(2),
         out.stride(0), out.stride(1), out.stride(2), H=H, D=D, BLOCK=block, CH=min(block, 32),
-        HAS_PERM=perm is not None, num_warps=4)
+        HAS_PERM=perm is not None, SQUARE=square, num_warps=4)
     return out
 
 

@@ -197,7 +197,8 @@ def _schedule_shape(nkb: int, n: int, packed: bool, tn: int, held: tuple = LEVEL
 
 
 def build_schedule(levels: torch.Tensor, pyr: Pyramid, packed: bool, tile_n: int | None = None,
-                   num_warps: int | None = None, fold: bool = True) -> Schedule:
+                   num_warps: int | None = None, fold: bool = True,
+                   tail_spread: torch.Tensor | None = None) -> Schedule:
     """Turn a level map into segment lists (key blocks ascending within a level, levels 1, 2, 4,
     8 in turn), the per-row record of regular tiles (found from the record alone) and the list
     of masked tiles. With ``fold`` a packed level's partly filled last tile stays in its
@@ -206,7 +207,8 @@ def build_schedule(levels: torch.Tensor, pyr: Pyramid, packed: bool, tile_n: int
 
     One Triton program per row; buffers are sized for the worst case of any level map, so
     nothing is read back to the host. One warp a row up to 512 key blocks, else four (H100
-    probe, benchmarks/NOTES.md change 25)."""
+    probe, benchmarks/NOTES.md change 25). ``tail_spread`` ([B, H, nqb, nkb], natural log):
+    added to each skipped pair's tail bias (:mod:`tail_spread`)."""
     B, H, nqb, nkb = levels.shape
     if nkb >= 1 << 16:
         raise ValueError(f"{nkb} key blocks in a row; allowed: fewer than {1 << 16} (a larger block_size.n)")
@@ -232,7 +234,12 @@ def build_schedule(levels: torch.Tensor, pyr: Pyramid, packed: bool, tile_n: int
         AM1=always_masked[1], AM2=always_masked[2], AM4=always_masked[4], AM8=always_masked[8],
         FOLD=fold, TCH=SCHEDULE_CHUNK, POOLED=len(pyr.levels_held) > 1,
         num_warps=num_warps or (1 if nkb <= 512 else 4))
-    tail_bias, heavy_bias = _column_biases(lv, pyr, (B, H, nqb, nkb))
+    if tail_spread is not None:
+        if not pyr.has_tail or tuple(tail_spread.shape) != (B, H, nqb, nkb):
+            raise ValueError(f"tail_spread: got {tuple(tail_spread.shape)}; allowed: [B, H, nqb, nkb] = "
+                             f"{[B, H, nqb, nkb]}, with a pyramid that has a tail")
+        tail_spread = tail_spread.float().reshape(B * H * nqb, nkb).contiguous()
+    tail_bias, heavy_bias = _column_biases(lv, pyr, (B, H, nqb, nkb), tail_spread)
     return Schedule(tile_level, tile_seg, counts, segs, tn, packed, fold, tail_bias, heavy_bias)
 
 
@@ -246,13 +253,14 @@ def _skips(lv, POOLED: tl.constexpr):
 
 
 @triton.jit
-def _column_bias_kernel(Levels, TailLn, HBlock, TailOut, HeavyOut, nkb, nqb, s_lv, s_tln, s_hb, tail_cols,
-                        heavy_rows, TAIL: tl.constexpr, HEAVY: tl.constexpr, CH: tl.constexpr,
-                        POOLED: tl.constexpr):
+def _column_bias_kernel(Levels, TailLn, HBlock, TailOut, HeavyOut, Spread, nkb, nqb, s_lv, s_tln, s_hb,
+                        tail_cols, heavy_rows, TAIL: tl.constexpr, HEAVY: tl.constexpr, CH: tl.constexpr,
+                        POOLED: tl.constexpr, SPREAD: tl.constexpr):
     # One program: one (batch, head, query block) row of the level map. The attention kernel then
     # reads one bias vector per tail or heavy tile instead of the level map and the counts
     # (two loads and a gather a tile: benchmarks/NOTES.md, change 35). Without POOLED a pooled
-    # pair is skipped, as the schedule kernel has it.
+    # pair is skipped, as the schedule kernel has it. SPREAD: each skipped pair's tail bias plus
+    # its spread correction (row-major [rows, nkb], natural log).
     row = tl.program_id(0)
     bh = row // nqb
     lv_row = Levels + row * s_lv
@@ -263,6 +271,8 @@ def _column_bias_kernel(Levels, TailLn, HBlock, TailOut, HeavyOut, nkb, nqb, s_l
             inside = kb < nkb
             skipped = _skips(tl.load(lv_row + kb, mask=inside, other=1), POOLED) & inside
             ln = tl.load(TailLn + bh * s_tln + kb, mask=skipped, other=0.0)
+            if SPREAD:
+                ln += tl.load(Spread + row * nkb + kb, mask=skipped, other=0.0)
             tl.store(TailOut + row * tail_cols + kb, tl.where(skipped, ln * 1.4426950408889634, float("-inf"))
                      .to(TailOut.dtype.element_ty))
     if HEAVY:
@@ -275,7 +285,8 @@ def _column_bias_kernel(Levels, TailLn, HBlock, TailOut, HeavyOut, nkb, nqb, s_l
                      tl.where(skipped, 0.0, float("-inf")).to(HeavyOut.dtype.element_ty))
 
 
-def _column_biases(lv: torch.Tensor, pyr: Pyramid, shape) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _column_biases(lv: torch.Tensor, pyr: Pyramid, shape,
+                   spread: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The schedule's per-row tail and heavy-key biases (see :class:`Schedule`) for the level map
     ``lv`` ([B*H*nqb, nkb], unit stride along key blocks)."""
     B, H, nqb, nkb = shape
@@ -296,7 +307,8 @@ def _column_biases(lv: torch.Tensor, pyr: Pyramid, shape) -> tuple[torch.Tensor 
         tln, s_tln = lv, 0
     hb = pyr.heavy_block.reshape(B * H, heavy_rows).contiguous() if pyr.has_heavy else lv
     _column_bias_kernel[(B * H * nqb,)](
-        lv, tln, hb, tail if tail is not None else lv, heavy if heavy is not None else lv, nkb, nqb, lv.stride(0),
-        s_tln, heavy_rows, tail_cols, heavy_rows, TAIL=pyr.has_tail, HEAVY=pyr.has_heavy, CH=TILE_WIDTH,
-        POOLED=len(pyr.levels_held) > 1, num_warps=1)
+        lv, tln, hb, tail if tail is not None else lv, heavy if heavy is not None else lv,
+        spread if spread is not None else lv, nkb, nqb, lv.stride(0), s_tln, heavy_rows, tail_cols, heavy_rows,
+        TAIL=pyr.has_tail, HEAVY=pyr.has_heavy, CH=TILE_WIDTH, POOLED=len(pyr.levels_held) > 1,
+        SPREAD=spread is not None, num_warps=1)
     return tail, heavy

@@ -73,9 +73,10 @@ def variants(arch: int = 90):
         yield (f"estimate reduce m{m} n{n} splits{splits}", estimate._estimate_reduce_kernel,
                {"Part": "fp32", "MaxAt": "fp32", "MaxEnd": "fp32", "Norm": "fp32", "QWeight": "fp32", "Out": "fp32"},
                (), dict(H=12, SQ=sq, KBLOCKS=128 // sk, CHUNK=estimate.REDUCE_CHUNK, SPLITS=splits), {"num_warps": 4})
-    for block in (64, 128):
-        yield (f"block means {block}", estimate._block_mean_kernel, {"X": "bf16", "Out": "fp32", "Perm": "i32"}, (),
-               dict(H=12, D=128, BLOCK=block, CH=32, HAS_PERM=True), {"num_warps": 4})
+    for block, square in ((64, False), (128, False), (64, True), (128, True)):
+        yield (f"block means {block} square={square}", estimate._block_mean_kernel,
+               {"X": "bf16", "Out": "fp32", "Perm": "i32"}, (),
+               dict(H=12, D=128, BLOCK=block, CH=32, HAS_PERM=True, SQUARE=square), {"num_warps": 4})
     bounds = ("r1lo", "r1hi", "r2lo", "r2hi", "r4lo", "r4hi", "r8lo", "r8hi")
     for threshold, nkb, presorted in ((True, 512, False), (False, 4096, True)):
         yield (f"levels threshold={threshold} nkb={nkb}", levels._assign_levels_kernel,
@@ -110,10 +111,13 @@ def variants(arch: int = 90):
     yield ("heavy rows", pyramid._heavy_rows_kernel,
            {"K": "bf16", "V": "bf16", "Index": "i64", "Block": "i32", "HK": "bf16", "HV": "bf16", "HB": "i32"}, (),
            dict(H=12, D=128, CH=pyramid.HEAVY_ROWS), {"num_warps": 4})
-    for tail, heavy_keys in ((True, False), (True, True), (False, True)):
-        yield (f"column biases tail={tail} heavy={heavy_keys}", schedule._column_bias_kernel,
-               {"Levels": "i8", "TailLn": "fp32", "HBlock": "i32", "TailOut": "fp16", "HeavyOut": "fp16"}, (),
-               dict(TAIL=tail, HEAVY=heavy_keys, CH=schedule.TILE_WIDTH, POOLED=not tail or not heavy_keys),
+    for tail, heavy_keys, spread in ((True, False, False), (True, True, False), (False, True, False),
+                                     (True, True, True)):
+        yield (f"column biases tail={tail} heavy={heavy_keys} spread={spread}", schedule._column_bias_kernel,
+               {"Levels": "i8", "TailLn": "fp32", "HBlock": "i32", "TailOut": "fp16", "HeavyOut": "fp16",
+                "Spread": "fp32"}, (),
+               dict(TAIL=tail, HEAVY=heavy_keys, CH=schedule.TILE_WIDTH, POOLED=not tail or not heavy_keys,
+                    SPREAD=spread),
                {"num_warps": 1})
     yield ("mean-query logits", heavy_mod._mean_query_logit_kernel, {"K": "bf16", "Qbar": "fp32", "Out": "fp32"}, (),
            dict(H=12, D=128, CH=heavy_mod.LOGIT_ROWS), {"num_warps": 4})

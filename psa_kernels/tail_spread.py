@@ -1,0 +1,62 @@
+"""The tail's spread correction: how much more mass a skipped key block holds than its mean key.
+
+The pooled tail (``use_pooled_tail``) stands for a skipped block of n keys by its mean key k̄
+with bias ln(n): a query's mass there is taken as ``n exp(s q.k̄)``. The true mass is
+``sum_t exp(s q.k_t)``, which is larger (exp is convex), and by more the more the block's keys
+spread along the query. To second order, per dimension, with the block's key variances var_J
+and the query block's mean of squared queries Q2_I (s = 1 / sqrt(D)):
+
+    ln(sum_t exp(s q.k_t)) ~ ln(n) + s q.k̄ + s^2 / 2 * Q2_I . var_J
+
+``tail_spread_bias`` gives the last term for every (query block, key block) pair. It is one
+number per pair, so the kernel reads it through the schedule's tail bias at no cost
+(``tail_correction: variance``; benchmarks/NOTES.md change 41). Heavy keys, attended on their
+own, leave their blocks' variances as they leave their means.
+"""
+from __future__ import annotations
+
+import torch
+
+from .estimate import block_lengths, block_means_reference, block_means_triton
+from .heavy import HeavyKeys, gather_rows
+
+
+def key_block_variance(k: torch.Tensor, n: int, perm: torch.Tensor | None = None,
+                       heavy: HeavyKeys | None = None, use_triton: bool = True) -> torch.Tensor:
+    """[B, H, nkb, D] float32: per key block and dimension the variance (over the block's real
+    keys, heavy keys left out) of the arranged keys. ``use_triton``: k in the caller's order
+    read through ``perm``; otherwise k arranged (``perm`` None)."""
+    B, H, L, D = k.shape
+    if use_triton:
+        mean, mean_sq = block_means_triton(k, n, perm), block_means_triton(k, n, perm, square=True)
+    else:
+        if perm is not None:
+            raise ValueError("the torch block variances take arranged keys (perm None)")
+        mean, mean_sq = block_means_reference(k, n), block_means_reference(k, n, square=True)
+    if heavy is None:
+        return (mean_sq - mean * mean).clamp_min_(0.0)
+    counts = block_lengths(L, n, k.device).expand(B, H, -1)
+    blk = heavy.block.long()
+    hk = gather_rows(k, heavy.index).float()  # heavy.index is in the order k was given
+    at = blk.unsqueeze(-1).expand_as(hk)
+    sums = (mean * counts.unsqueeze(-1)).scatter_add(2, at, -hk)
+    sums_sq = (mean_sq * counts.unsqueeze(-1)).scatter_add(2, at, -hk * hk)
+    left = counts.scatter_add(2, blk, -torch.ones_like(blk, dtype=counts.dtype)).clamp_min(1.0).unsqueeze(-1)
+    mean = sums / left
+    return (sums_sq / left - mean * mean).clamp_min_(0.0)
+
+
+def tail_spread_bias(q: torch.Tensor, k: torch.Tensor, m: int, n: int, perm: torch.Tensor | None = None,
+                     heavy: HeavyKeys | None = None, use_triton: bool = True) -> torch.Tensor:
+    """[B, H, nqb, nkb] float32 (natural log): s^2 / 2 * Q2_I . var_J for every pair of a query
+    block of m and a key block of n (module docstring). ``use_triton``: q, k in the caller's
+    order read through ``perm``; otherwise both arranged (``perm`` None)."""
+    D = q.shape[-1]
+    if use_triton:
+        q2 = block_means_triton(q, m, perm, square=True)
+    else:
+        if perm is not None:
+            raise ValueError("the torch tail spread takes arranged q and k (perm None)")
+        q2 = block_means_reference(q, m, square=True)
+    var = key_block_variance(k, n, perm, heavy, use_triton)
+    return torch.matmul(q2, var.transpose(-1, -2)).mul_(0.5 / D)
