@@ -14,7 +14,8 @@ from __future__ import annotations
 import re
 
 from ..psa_kernels.config import (ATTN_IMPLS, BLOCK_SIZES_M, BLOCK_SIZES_N, ESTIMATE_METHODS, LEVELS, MASK_MODES,
-                                  PRESET_TYPES, REARRANGE_METHODS, TILE_N_SIZES, ConfigError, PSAConfig)
+                                  PRESET_TYPES, REARRANGE_METHODS, TAIL_CORRECTIONS, TILE_N_SIZES, ConfigError,
+                                  PSAConfig)
 
 KEEP = "keep"
 KEEP_INT = -1
@@ -28,6 +29,7 @@ COMBO_FIELDS = {
     "attn_impl": ("attn_impl", ATTN_IMPLS),
     "rearrange_method": ("rearrange_method", REARRANGE_METHODS),
     "estimate_method": ("estimate_method", ESTIMATE_METHODS),
+    "tail_correction": ("tail_correction", TAIL_CORRECTIONS),
 }
 BOOL_FIELDS = ("use_rearrange", "use_sim_mask", "verbose", "use_pooled_tail")
 BLOCK_FIELDS = {"block_m": ("m", BLOCK_SIZES_M), "block_n": ("n", BLOCK_SIZES_N),

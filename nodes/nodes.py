@@ -8,8 +8,8 @@ import logging
 from comfy_api.latest import ComfyExtension, io, ui
 
 from ..psa_kernels.config import (ATTN_IMPLS, BLOCK_SIZES_M, BLOCK_SIZES_N, ESTIMATE_METHODS, MASK_MODES,
-                                  MAX_HEAVY_KEYS, PRESET_TYPES, REARRANGE_METHODS, TILE_N_SIZES, ConfigError,
-                                  PSAConfig)
+                                  MAX_HEAVY_KEYS, PRESET_TYPES, REARRANGE_METHODS, TAIL_CORRECTIONS, TILE_N_SIZES,
+                                  ConfigError, PSAConfig)
 from . import edit, plan_view, routes
 from .detect import ModelSignature, detect_section
 from .messages import bilingual
@@ -222,6 +222,11 @@ class PSAPresetEditor(io.ComfyNode):
                              **ADVANCED, tooltip="Keys per head (the ones the average query weighs most, such as "
                                                  "sink tokens) attended exactly wherever their block is skipped; "
                                                  "0: none; -1 keeps the incoming value."),
+                _keep_combo("tail_correction", TAIL_CORRECTIONS, "Only with use_pooled_tail: variance adds to "
+                            "each skipped key block's tail bias the mass its keys' spread adds to the mean key "
+                            "(no kernel cost, a little routing work, one float32 per block pair and head); none keeps "
+                            "the bias ln(n).",
+                            advanced=True, optional=True),
             ],
             outputs=[PSAConfigIO.Output(display_name="psa_config", tooltip="The edited preset.")],
         )

@@ -41,9 +41,10 @@ def key_block_variance(k: torch.Tensor, n: int, perm: torch.Tensor | None = None
     at = blk.unsqueeze(-1).expand_as(hk)
     sums = (mean * counts.unsqueeze(-1)).scatter_add(2, at, -hk)
     sums_sq = (mean_sq * counts.unsqueeze(-1)).scatter_add(2, at, -hk * hk)
-    left = counts.scatter_add(2, blk, -torch.ones_like(blk, dtype=counts.dtype)).clamp_min(1.0).unsqueeze(-1)
-    mean = sums / left
-    return (sums_sq / left - mean * mean).clamp_min_(0.0)
+    left = counts.scatter_add(2, blk, -torch.ones_like(blk, dtype=counts.dtype)).unsqueeze(-1)
+    mean = sums / left.clamp_min(1.0)
+    var = (sums_sq / left.clamp_min(1.0) - mean * mean).clamp_min_(0.0)
+    return var.masked_fill_(left < 0.5, 0.0)  # a block of heavy keys only has no tail row
 
 
 def tail_spread_bias(q: torch.Tensor, k: torch.Tensor, m: int, n: int, perm: torch.Tensor | None = None,

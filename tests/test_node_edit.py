@@ -1,7 +1,12 @@
 """PSA Preset Editor rule: widgets left on keep keep the incoming value (no ComfyUI)."""
+import importlib
+import sys
+import types
+
 import pytest
 
-from pack_import import pack_module
+import comfy_newest_io as newest
+from pack_import import PACKAGE, pack_module
 
 edit = pack_module("nodes.edit")
 config = pack_module("psa_kernels.config")
@@ -87,6 +92,44 @@ def test_pooled_tail_widget():
     assert edit.edit_preset(BASE, heavy_keys=-1) is BASE
     with pytest.raises(ConfigError, match="heavy_keys"):
         edit.edit_preset(BASE, heavy_keys=5000)
+    assert edit.edit_preset(BASE, tail_correction="variance").tail_correction == "variance"
+    assert edit.edit_preset(BASE, tail_correction="keep") is BASE
+    assert edit.edit_preset(BASE, use_pooled_tail="true", tail_correction="variance").to_dict()["tail_correction"] \
+        == "variance"
+    assert BASE.tail_correction == "none"
+
+
+def test_tail_correction_widget_offers_keep_and_the_allowed_values():
+    assert edit.COMBO_FIELDS["tail_correction"] == ("tail_correction", config.TAIL_CORRECTIONS)
+    assert config.TAIL_CORRECTIONS == ("none", "variance")
+
+
+def test_tail_correction_widget_in_the_node_schema(monkeypatch, tmp_path):
+    """The Preset Editor's input: an optional advanced combo, last (workflows hold widget values by
+    position, so older workflows keep theirs), offering keep and the allowed values."""
+    monkeypatch.setenv("PSA_USER_PRESETS", str(tmp_path / "none.yaml"))
+    comfy_api = types.ModuleType("comfy_api")
+    comfy_api.latest = newest.latest_module()
+    monkeypatch.setitem(sys.modules, "comfy_api", comfy_api)
+    monkeypatch.setitem(sys.modules, "comfy_api.latest", comfy_api.latest)
+    name = f"{PACKAGE}.nodes.nodes"
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    nodes = importlib.import_module(name)
+    monkeypatch.delitem(sys.modules, name)  # other tests import it afresh
+    schema = nodes.PSAPresetEditor.define_schema()
+    schema.validate()
+    assert [i.id for i in schema.inputs][-4:] == ["use_pooled_tail", "estimate_method", "heavy_keys",
+                                                  "tail_correction"]
+    kind, spec = newest.input_dict(schema.inputs)["optional"]["tail_correction"]
+    assert kind == "COMBO" and spec["options"] == ["keep", "none", "variance"] and spec["default"] == "keep"
+    assert "use_pooled_tail" in spec["tooltip"] and spec.get("advanced") is True
+    assert "tail_correction" not in newest.input_dict(schema.inputs)["required"]
+
+
+@pytest.mark.parametrize("value", ["on", "Variance2", ""])
+def test_bad_tail_correction_names_the_field_and_the_allowed_values(value):
+    with pytest.raises(ConfigError, match=rf"^tail_correction: got '{value}'; allowed: none, variance$"):
+        edit.edit_preset(BASE, tail_correction=value)
 
 
 def test_dense_presets_stay_minimal_and_switch_to_psa_fully():

@@ -16,6 +16,7 @@ const ZH_LABELS = {
   true: "是", false: "否", psa: "稀疏注意力", dense: "全注意力", thresholdbound: "累积质量界限",
   topk: "固定份额", Gilbert: "Gilbert 曲线", Tiled: "分块", off: "关闭",
   sampled: "采样估计", block_mean: "块均值估计", new_mask_type: "新掩码格式", old_mask_type: "旧掩码格式",
+  none: "不修正", variance: "方差修正",
 };
 const zhLabel = (v) => (ZH_LABELS[v] ? `${ZH_LABELS[v]} (${v})` : v);
 const PLAN_LANGUAGE = { zh: "中文", en: "English" };  // PSA Plan View's language values
