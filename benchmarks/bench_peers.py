@@ -128,6 +128,7 @@ ESTIMATES = ("sampled", "block_mean")
 # heavy keys per head (heavy_keys): each tail preset (sweeps and shipped) also with these
 HEAVY_COUNTS = (128, 256)
 TAIL, NO_TAIL = "+tail", "-notail"
+SPREAD = "_var"  # the tail with tail_correction: variance (NOTES.md change 41)
 
 
 def _ranges(cuts: list[float]) -> dict:
@@ -200,6 +201,9 @@ def psa_presets(quick: bool = False) -> dict:
                 continue
             for count in HEAVY_COUNTS:
                 out[f"{name}_h{count}"] = {**preset, "heavy_keys": count}
+        for name, preset in list(out.items()):  # then every tail preset with the spread correction
+            if preset.get("use_pooled_tail") and preset.get("tail_correction", "none") == "none":
+                out[f"{name}{SPREAD}"] = {**preset, "tail_correction": "variance"}
     return out
 
 

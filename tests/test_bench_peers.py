@@ -256,13 +256,20 @@ def test_psa_presets_parse_pair_with_their_tail_twins_and_hit_their_densities():
     names = list(presets)
     assert "Wan2.1_1.3b/psa_topk" in names and "Wan2.1_14b/psa_balanced" in names
     assert not any(n.startswith("CogVideo") for n in names)
+    spread = [n for n in names if n.endswith(bp.SPREAD)]  # last of all: the tail presets corrected
+    assert spread and names[-len(spread):] == spread
+    for n in spread:
+        base = n[:-len(bp.SPREAD)]
+        assert presets[n] == {**presets[base], "tail_correction": "variance"}
+    assert len(spread) == sum(bool(p.get("use_pooled_tail")) for n, p in presets.items() if n not in spread)
+    names = names[:-len(spread)]
     heavy = [n for n in names if n.endswith(tuple(f"_h{c}" for c in bp.HEAVY_COUNTS))]  # last of all
     assert heavy and names[-len(heavy):] == heavy
     for n in heavy:
         base, count = n.rsplit("_h", 1)
         assert presets[base]["use_pooled_tail"] and presets[n] == {**presets[base], "heavy_keys": int(count)}
     assert len(heavy) == len(bp.HEAVY_COUNTS) * sum(bool(p.get("use_pooled_tail")) and not p.get("heavy_keys")
-                                                    for n, p in presets.items() if n not in heavy)
+                                                    for n, p in presets.items() if n in names and n not in heavy)
     names = names[:-len(heavy)]
     tail_only = [n for n in names if n.startswith("tail64_")]  # the tail-only sweeps come next
     assert names[-len(tail_only):] == tail_only
