@@ -252,18 +252,19 @@ def estimate_triton(q: torch.Tensor, k: torch.Tensor, m: int, n: int,
 
 
 @triton.jit
-def _block_mean_kernel(X, Out, Perm, L, sxb, sxh, sxl, sob, soh, sol,
+def _block_mean_kernel(X, Out, Out2, Perm, L, sxb, sxh, sxl, sob, soh, sol,
                        H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, CH: tl.constexpr,
-                       HAS_PERM: tl.constexpr, SQUARE: tl.constexpr):
+                       HAS_PERM: tl.constexpr, SQUARE: tl.constexpr, SECOND: tl.constexpr):
     # One program: the mean of one block of BLOCK arranged rows of one (batch, head), in
     # float32, summed CH rows at a time; padding rows count for nothing. SQUARE: the mean of
-    # the rows' elementwise squares.
+    # the rows' elementwise squares instead; SECOND: that too, into Out2 (same strides).
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     dd = tl.arange(0, D)
     acc = tl.zeros([CH, D], tl.float32)  # summed over rows once at the end, not every chunk
+    acc2 = tl.zeros([CH, D], tl.float32)
     for c in range(0, BLOCK, CH):
         r = blk * BLOCK + c + tl.arange(0, CH)
         valid = r < L
@@ -275,8 +276,12 @@ def _block_mean_kernel(X, Out, Perm, L, sxb, sxh, sxl, sob, soh, sol,
         if SQUARE:
             x = x * x
         acc += x
+        if SECOND:
+            acc2 += x * x
     cnt = tl.minimum(L - blk * BLOCK, BLOCK).to(tl.float32)
     tl.store(Out + b * sob + h * soh + blk * sol + dd, tl.sum(acc, 0) / cnt)
+    if SECOND:
+        tl.store(Out2 + b * sob + h * soh + blk * sol + dd, tl.sum(acc2, 0) / cnt)
 
 
 def block_lengths(L: int, block: int, device=None) -> torch.Tensor:
@@ -285,6 +290,12 @@ def block_lengths(L: int, block: int, device=None) -> torch.Tensor:
     lengths = torch.full((nb,), float(block), device=device)
     lengths[-1] = L - (nb - 1) * block
     return lengths
+
+
+@functools.lru_cache(maxsize=64)
+def block_lengths_cached(L: int, block: int, device: torch.device) -> torch.Tensor:
+    """:func:`block_lengths`, made once per (L, block, device) (see :func:`block_log_lengths`)."""
+    return block_lengths(L, block, device)
 
 
 @functools.lru_cache(maxsize=64)
@@ -306,19 +317,21 @@ def block_means_reference(x: torch.Tensor, block: int, square: bool = False) -> 
 
 
 def block_means_triton(x: torch.Tensor, block: int, perm: torch.Tensor | None = None,
-                       square: bool = False) -> torch.Tensor:
+                       square: bool = False, second: bool = False):
     """:func:`block_means_reference` in one Triton pass; with ``perm`` x is in the caller's order
-    and is read as ``x[..., perm, :]`` without a copy."""
+    and is read as ``x[..., perm, :]`` without a copy. ``square``: means of the squares;
+    ``second``: the means and, from the same pass, the means of the squares (a pair)."""
     B, H, L, D = x.shape
     nb = -(-L // block)
     if x.stride(-1) != 1:
         x = x.contiguous()
     out = torch.empty((B, H, nb, D), device=x.device, dtype=torch.float32)
+    out2 = torch.empty_like(out) if second else out
     _block_mean_kernel[(nb, B * H)](
-        x, out, perm if perm is not None else out, L, x.stride(0), x.stride(1), x.stride(2),
+        x, out, out2, perm if perm is not None else out, L, x.stride(0), x.stride(1), x.stride(2),
         out.stride(0), out.stride(1), out.stride(2), H=H, D=D, BLOCK=block, CH=min(block, 32),
-        HAS_PERM=perm is not None, SQUARE=square, num_warps=4)
-    return out
+        HAS_PERM=perm is not None, SQUARE=square, SECOND=second, num_warps=4)
+    return (out, out2) if second else out
 
 
 def estimate_block_mean(q: torch.Tensor, k: torch.Tensor, m: int, n: int,

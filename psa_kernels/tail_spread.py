@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .estimate import block_lengths, block_means_reference, block_means_triton
+from .estimate import block_lengths_cached, block_means_reference, block_means_triton
 from .heavy import HeavyKeys, gather_rows
 
 
@@ -28,14 +28,14 @@ def key_block_variance(k: torch.Tensor, n: int, perm: torch.Tensor | None = None
     read through ``perm``; otherwise k arranged (``perm`` None)."""
     B, H, L, D = k.shape
     if use_triton:
-        mean, mean_sq = block_means_triton(k, n, perm), block_means_triton(k, n, perm, square=True)
+        mean, mean_sq = block_means_triton(k, n, perm, second=True)
     else:
         if perm is not None:
             raise ValueError("the torch block variances take arranged keys (perm None)")
         mean, mean_sq = block_means_reference(k, n), block_means_reference(k, n, square=True)
     if heavy is None:
         return (mean_sq - mean * mean).clamp_min_(0.0)
-    counts = block_lengths(L, n, k.device).expand(B, H, -1)
+    counts = block_lengths_cached(L, n, k.device).expand(B, H, -1)
     blk = heavy.block.long()
     hk = gather_rows(k, heavy.index).float()  # heavy.index is in the order k was given
     at = blk.unsqueeze(-1).expand_as(hk)
