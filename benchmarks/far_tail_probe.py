@@ -17,7 +17,14 @@ key blocks, 128-row query blocks, Gilbert order), the relative L2 error against 
   is first-order exact in its distance from the block's mean query (Z: the group's pooled mass
   for the mean query); values the same weighted means.
 
-Tail keys a query then reads: R + G instead of every skipped block.
+Tail keys a query then reads: R + G instead of every skipped block. And the per-query tail with
+a corrected bias (the mass a block's keys hold beyond n exp(s q.k̄), NOTES.md change 41):
+
+- ``+ mean q`` (``/4``: from every 4th key): the exact log-sum-exp of the query block's mean
+  query over the block's keys, less its logit against the mean key;
+- ``+ var``: s^2 / 2 * sum_d q_d^2 var_d(k) per query (second order); ``block q2``: with q^2
+  averaged over the query block (what ``tail_correction: variance`` computes); ``iso``: |q|^2
+  times the block's mean variance.
 """
 from __future__ import annotations
 
