@@ -252,12 +252,13 @@ def estimate_triton(q: torch.Tensor, k: torch.Tensor, m: int, n: int,
 
 
 @triton.jit
-def _block_mean_kernel(X, Out, Out2, Perm, L, sxb, sxh, sxl, sob, soh, sol,
+def _block_mean_kernel(X, Out, Out2, Perm, L, out_scale, sxb, sxh, sxl, sob, soh, sol,
                        H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, CH: tl.constexpr,
                        HAS_PERM: tl.constexpr, SQUARE: tl.constexpr, SECOND: tl.constexpr):
     # One program: the mean of one block of BLOCK arranged rows of one (batch, head), in
-    # float32, summed CH rows at a time; padding rows count for nothing. SQUARE: the mean of
-    # the rows' elementwise squares instead; SECOND: that too, into Out2 (same strides).
+    # float32, summed CH rows at a time, times out_scale; padding rows count for nothing.
+    # SQUARE: the mean of the rows' elementwise squares instead. SECOND 1: also the mean of the
+    # squares, into Out2 (same strides); 2: also the variance (clamped at 0), into Out2.
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -276,12 +277,15 @@ def _block_mean_kernel(X, Out, Out2, Perm, L, sxb, sxh, sxl, sob, soh, sol,
         if SQUARE:
             x = x * x
         acc += x
-        if SECOND:
+        if SECOND > 0:
             acc2 += x * x
     cnt = tl.minimum(L - blk * BLOCK, BLOCK).to(tl.float32)
-    tl.store(Out + b * sob + h * soh + blk * sol + dd, tl.sum(acc, 0) / cnt)
-    if SECOND:
+    mean = tl.sum(acc, 0) / cnt
+    tl.store(Out + b * sob + h * soh + blk * sol + dd, mean * out_scale)
+    if SECOND == 1:
         tl.store(Out2 + b * sob + h * soh + blk * sol + dd, tl.sum(acc2, 0) / cnt)
+    if SECOND == 2:
+        tl.store(Out2 + b * sob + h * soh + blk * sol + dd, tl.maximum(tl.sum(acc2, 0) / cnt - mean * mean, 0.0))
 
 
 def block_lengths(L: int, block: int, device=None) -> torch.Tensor:
@@ -316,11 +320,15 @@ def block_means_reference(x: torch.Tensor, block: int, square: bool = False) -> 
     return xa.view(B, H, nb, block, D).sum(3) / block_lengths(L, block, x.device)[:, None]
 
 
+SECONDS = {"": 0, "squares": 1, "variance": 2}
+
+
 def block_means_triton(x: torch.Tensor, block: int, perm: torch.Tensor | None = None,
-                       square: bool = False, second: bool = False):
+                       square: bool = False, second: str = "", scale: float = 1.0):
     """:func:`block_means_reference` in one Triton pass; with ``perm`` x is in the caller's order
     and is read as ``x[..., perm, :]`` without a copy. ``square``: means of the squares;
-    ``second``: the means and, from the same pass, the means of the squares (a pair)."""
+    ``scale``: the means times this. ``second`` "squares" / "variance": the means and, from the
+    same pass, the means of the squares / the variances (a pair)."""
     B, H, L, D = x.shape
     nb = -(-L // block)
     if x.stride(-1) != 1:
@@ -328,9 +336,9 @@ def block_means_triton(x: torch.Tensor, block: int, perm: torch.Tensor | None = 
     out = torch.empty((B, H, nb, D), device=x.device, dtype=torch.float32)
     out2 = torch.empty_like(out) if second else out
     _block_mean_kernel[(nb, B * H)](
-        x, out, out2, perm if perm is not None else out, L, x.stride(0), x.stride(1), x.stride(2),
+        x, out, out2, perm if perm is not None else out, L, float(scale), x.stride(0), x.stride(1), x.stride(2),
         out.stride(0), out.stride(1), out.stride(2), H=H, D=D, BLOCK=block, CH=min(block, 32),
-        HAS_PERM=perm is not None, SQUARE=square, SECOND=second, num_warps=4)
+        HAS_PERM=perm is not None, SQUARE=square, SECOND=SECONDS[second], num_warps=4)
     return (out, out2) if second else out
 
 

@@ -27,8 +27,10 @@ def key_block_variance(k: torch.Tensor, n: int, perm: torch.Tensor | None = None
     keys, heavy keys left out) of the arranged keys. ``use_triton``: k in the caller's order
     read through ``perm``; otherwise k arranged (``perm`` None)."""
     B, H, L, D = k.shape
+    if use_triton and heavy is None:
+        return block_means_triton(k, n, perm, second="variance")[1]
     if use_triton:
-        mean, mean_sq = block_means_triton(k, n, perm, second=True)
+        mean, mean_sq = block_means_triton(k, n, perm, second="squares")
     else:
         if perm is not None:
             raise ValueError("the torch block variances take arranged keys (perm None)")
@@ -53,11 +55,11 @@ def tail_spread_bias(q: torch.Tensor, k: torch.Tensor, m: int, n: int, perm: tor
     block of m and a key block of n (module docstring). ``use_triton``: q, k in the caller's
     order read through ``perm``; otherwise both arranged (``perm`` None)."""
     D = q.shape[-1]
-    if use_triton:
-        q2 = block_means_triton(q, m, perm, square=True)
+    if use_triton:  # the factor s^2 / 2 = 0.5 / D taken on the way
+        q2 = block_means_triton(q, m, perm, square=True, scale=0.5 / D)
     else:
         if perm is not None:
             raise ValueError("the torch tail spread takes arranged q and k (perm None)")
-        q2 = block_means_reference(q, m, square=True)
+        q2 = block_means_reference(q, m, square=True).mul_(0.5 / D)
     var = key_block_variance(k, n, perm, heavy, use_triton)
-    return torch.matmul(q2, var.transpose(-1, -2)).mul_(0.5 / D)
+    return torch.matmul(q2, var.transpose(-1, -2))

@@ -74,9 +74,9 @@ def variants(arch: int = 90):
                {"Part": "fp32", "MaxAt": "fp32", "MaxEnd": "fp32", "Norm": "fp32", "QWeight": "fp32", "Out": "fp32"},
                (), dict(H=12, SQ=sq, KBLOCKS=128 // sk, CHUNK=estimate.REDUCE_CHUNK, SPLITS=splits), {"num_warps": 4})
     # means (routing), means of squares (queries) and both (keys: the tail spread correction)
-    for block, square, second in ((64, False, False), (128, False, False), (128, True, False), (64, False, True)):
+    for block, square, second in ((64, False, 0), (128, False, 0), (128, True, 0), (64, False, 1), (64, False, 2)):
         yield (f"block means {block} square={square} second={second}", estimate._block_mean_kernel,
-               {"X": "bf16", "Out": "fp32", "Out2": "fp32", "Perm": "i32"}, (),
+               {"X": "bf16", "Out": "fp32", "Out2": "fp32", "Perm": "i32"}, ("out_scale",),
                dict(H=12, D=128, BLOCK=block, CH=32, HAS_PERM=True, SQUARE=square, SECOND=second),
                {"num_warps": 4})
     bounds = ("r1lo", "r1hi", "r2lo", "r2hi", "r4lo", "r4hi", "r8lo", "r8hi")
