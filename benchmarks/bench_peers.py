@@ -128,7 +128,7 @@ ESTIMATES = ("sampled", "block_mean")
 # heavy keys per head (heavy_keys): each tail preset (sweeps and shipped) also with these
 HEAVY_COUNTS = (128, 256)
 TAIL, NO_TAIL = "+tail", "-notail"
-SPREAD = "_var"  # the tail with tail_correction: variance (NOTES.md change 41)
+SPREAD, NO_SPREAD = "_var", "-novar"  # the tail with / without tail_correction: variance (NOTES.md change 41)
 
 
 def _ranges(cuts: list[float]) -> dict:
@@ -202,8 +202,12 @@ def psa_presets(quick: bool = False) -> dict:
             for count in HEAVY_COUNTS:
                 out[f"{name}_h{count}"] = {**preset, "heavy_keys": count}
         for name, preset in list(out.items()):  # then every tail preset with the spread correction
-            if preset.get("use_pooled_tail") and preset.get("tail_correction", "none") == "none":
+            if not preset.get("use_pooled_tail"):  # switched on, or off where the preset has it
+                continue
+            if preset.get("tail_correction", "none") == "none":
                 out[f"{name}{SPREAD}"] = {**preset, "tail_correction": "variance"}
+            else:
+                out[f"{name}{NO_SPREAD}"] = {**preset, "tail_correction": "none"}
     return out
 
 

@@ -256,12 +256,15 @@ def test_psa_presets_parse_pair_with_their_tail_twins_and_hit_their_densities():
     names = list(presets)
     assert "Wan2.1_1.3b/psa_topk" in names and "Wan2.1_14b/psa_balanced" in names
     assert not any(n.startswith("CogVideo") for n in names)
-    spread = [n for n in names if n.endswith(bp.SPREAD)]  # last of all: the tail presets corrected
+    # last of all: every tail preset with the spread correction switched (on, or off for the
+    # shipped presets that have it)
+    spread = [n for n in names if n.endswith((bp.SPREAD, bp.NO_SPREAD))]
     assert spread and names[-len(spread):] == spread
     for n in spread:
-        base = n[:-len(bp.SPREAD)]
-        assert presets[n] == {**presets[base], "tail_correction": "variance"}
+        base, value = (n[:-len(bp.SPREAD)], "variance") if n.endswith(bp.SPREAD) else (n[:-len(bp.NO_SPREAD)], "none")
+        assert presets[n] == {**presets[base], "tail_correction": value} and presets[base] != presets[n]
     assert len(spread) == sum(bool(p.get("use_pooled_tail")) for n, p in presets.items() if n not in spread)
+    assert any(n.endswith(bp.NO_SPREAD) for n in spread) and any(n.endswith(bp.SPREAD) for n in spread)
     names = names[:-len(spread)]
     heavy = [n for n in names if n.endswith(tuple(f"_h{c}" for c in bp.HEAVY_COUNTS))]  # last of all
     assert heavy and names[-len(heavy):] == heavy

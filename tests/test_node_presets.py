@@ -57,6 +57,25 @@ def test_wan_sections_ship_psa_fidelity_as_psa_quality_on_wider_shares(tmp_path)
         assert fidelity.block_size == quality.block_size and fidelity.mask_mode == quality.mask_mode == "topk"
 
 
+def test_tail_presets_correct_the_tail_for_key_spread_and_the_seed_presets_do_not(tmp_path):
+    # configs/README.md: every preset with the pooled tail uses tail_correction: variance
+    # (benchmarks/NOTES.md change 41); the research code's presets keep their meaning
+    lib = store(tmp_path)[0].library()
+    tails = 0
+    for section in lib.sections.values():
+        for name, cfg in section.attention_configs.items():
+            if cfg.is_dense:
+                continue
+            if cfg.use_pooled_tail:
+                tails += 1
+                assert cfg.tail_correction == "variance", name
+            else:
+                assert cfg.tail_correction == "none", name
+            if name in ("psa_balanced", "psa_topk"):
+                assert not cfg.use_pooled_tail, name
+    assert tails == 32  # psa_quality, psa_fast, psa_precise, psa_fidelity in each Wan section
+
+
 def test_resolve_errors_name_the_allowed_values(tmp_path):
     lib = store(tmp_path)[0].library()
     with pytest.raises(ConfigError, match=r"preset: 'psa_topk' is not a preset of section 'Wan2.1_14b'; "
