@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from psa_kernels import api, attention, load_attention_config, psa_plan, pyramid, schedule  # noqa: E402
 from psa_kernels.synthetic import relative_l2  # noqa: E402
-from bench_peers import REGIMES, SHAPES, make_inputs  # noqa: E402
+from in_place_probe import medium_heads  # noqa: E402
 
 PRESETS = {"480p": ("Wan2.1_1.3b", ("psa_fast", "psa_precise")),
            "720p": ("Wan2.1_14b", ("psa_fast", "psa_precise"))}
@@ -36,10 +36,7 @@ def main():
     dev = torch.device("cuda")
     sections = load_attention_config(REPO / "configs" / "attention_config.yaml")
     for shape in ("480p", "720p"):
-        grid, heads = SHAPES[shape]
-        q, k, v, _ = make_inputs(shape, REGIMES["medium"], dev, torch.bfloat16)
-        B, L, _ = q.shape
-        qh, kh, vh = (t.view(B, L, heads, -1).transpose(1, 2) for t in (q, k, v))
+        grid, heads, L, (qh, kh, vh) = medium_heads(shape, dev)
         section, names = PRESETS[shape]
         print(f"\n{shape} x {heads} heads (L = {L}), {section}: kernel ms (median), output diff against the copy")
         for name in names:

@@ -59,15 +59,20 @@ def layouts():
     return (("all", every_level), ("copy", copy), ("in place", in_place))
 
 
+def medium_heads(shape: str, dev):
+    """The medium regime's q, k, v of a shape as [B, H, L, D] views of the [B, L, H*D] inputs."""
+    grid, heads = SHAPES[shape]
+    q, k, v, _ = make_inputs(shape, REGIMES["medium"], dev, torch.bfloat16)
+    B, L, _ = q.shape
+    return grid, heads, L, tuple(t.view(B, L, heads, -1).transpose(1, 2) for t in (q, k, v))
+
+
 def main():
     dev = torch.device("cuda")
     sections = load_attention_config(REPO / "configs" / "attention_config.yaml")
     for shape in ("480p", "720p"):
-        grid, heads = SHAPES[shape]
-        q, k, v, _ = make_inputs(shape, REGIMES["medium"], dev, torch.bfloat16)
-        B, L, _ = q.shape
-        qh, kh, vh = (t.view(B, L, heads, -1).transpose(1, 2) for t in (q, k, v))
-        qkv_bytes = 3 * q.numel() * q.element_size()
+        grid, heads, L, (qh, kh, vh) = medium_heads(shape, dev)
+        qkv_bytes = 3 * qh.numel() * qh.element_size()
         qc, kc, vc = (t.contiguous() for t in (qh, kh, vh))
         dense_ms = bench(lambda: F.scaled_dot_product_attention(qc, kc, vc))
         dense_peak = peak_bytes(lambda: F.scaled_dot_product_attention(qh, kh, vh))

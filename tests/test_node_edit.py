@@ -1,12 +1,9 @@
 """PSA Preset Editor rule: widgets left on keep keep the incoming value (no ComfyUI)."""
-import importlib
-import sys
-import types
-
 import pytest
 
 import comfy_newest_io as newest
-from pack_import import PACKAGE, pack_module
+from pack_import import pack_module
+from test_loader_dynamic_combo import load_nodes
 
 edit = pack_module("nodes.edit")
 config = pack_module("psa_kernels.config")
@@ -107,15 +104,7 @@ def test_tail_correction_widget_offers_keep_and_the_allowed_values():
 def test_tail_correction_widget_in_the_node_schema(monkeypatch, tmp_path):
     """The Preset Editor's input: an optional advanced combo, last (workflows hold widget values by
     position, so older workflows keep theirs), offering keep and the allowed values."""
-    monkeypatch.setenv("PSA_USER_PRESETS", str(tmp_path / "none.yaml"))
-    comfy_api = types.ModuleType("comfy_api")
-    comfy_api.latest = newest.latest_module()
-    monkeypatch.setitem(sys.modules, "comfy_api", comfy_api)
-    monkeypatch.setitem(sys.modules, "comfy_api.latest", comfy_api.latest)
-    name = f"{PACKAGE}.nodes.nodes"
-    monkeypatch.delitem(sys.modules, name, raising=False)
-    nodes = importlib.import_module(name)
-    monkeypatch.delitem(sys.modules, name)  # other tests import it afresh
+    nodes = load_nodes(monkeypatch, tmp_path)
     schema = nodes.PSAPresetEditor.define_schema()
     schema.validate()
     assert [i.id for i in schema.inputs][-4:] == ["use_pooled_tail", "estimate_method", "heavy_keys",
