@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from . import attention, estimate, levels as levels_mod, pyramid, schedule
-from .tail_spread import tail_spread_bias
+from .tail_spread import block_moments, spread_from_moments, tail_spread_bias
 from .heavy import HeavyKeys, heavy_per_row, select_heavy_keys
 from .config import PSAConfig
 from .layout import arrange, as_index, restore, sequence_permutation
@@ -186,13 +186,18 @@ def psa_plan(q: torch.Tensor, k: torch.Tensor, cfg: PSAConfig, grid, text_len: i
         # The kernels read the arranged order through perm, so nothing is copied; the pyramid
         # pass reads every key block anyway and measures key similarity on the way.
         q, k = _unit_stride(q), _unit_stride(k)
+        # With the spread correction one pass over q and one over k give both the spread's
+        # moments and the block means the block-mean estimate routes with.
+        mom = block_moments(q, k, m, n, perm, heavy) if with_spread else None
         if cfg.estimate_method == "block_mean":
-            scores = estimate.estimate_block_mean(q, k, m, n, perm)
+            scores = (estimate.scores_from_means(mom.q_mean, mom.k_mean, L, n) if mom is not None
+                      else estimate.estimate_block_mean(q, k, m, n, perm))
         else:
             scores = estimate.estimate_triton(q, k, m, n, perm, heads_per_pass=heads_per_pass)
         lv = levels_mod.assign_levels_triton(scores, cfg, text_q, text_k)
         if with_spread:
-            spread = tail_spread_bias(q, k, m, n, perm, heavy)
+            spread = spread_from_moments(mom)
+            del mom
         if keep_pyramid or cfg.use_sim_mask:
             v = _unit_stride(v) if keep_pyramid else None
             pyr, sim = pyramid.build_pyramid_triton(k, v, n, L, cfg.use_sim_mask, perm,

@@ -252,13 +252,17 @@ def estimate_triton(q: torch.Tensor, k: torch.Tensor, m: int, n: int,
 
 
 @triton.jit
-def _block_mean_kernel(X, Out, Out2, Perm, L, out_scale, sxb, sxh, sxl, sob, soh, sol,
+def _block_mean_kernel(X, Out, Out2, Perm, HIdx, HBlk, heavy_count, L, out_scale, sxb, sxh, sxl, sob, soh, sol,
                        H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, CH: tl.constexpr,
-                       HAS_PERM: tl.constexpr, SQUARE: tl.constexpr, SECOND: tl.constexpr):
+                       HAS_PERM: tl.constexpr, SQUARE: tl.constexpr, SECOND: tl.constexpr,
+                       HEAVY: tl.constexpr, HC: tl.constexpr):
     # One program: the mean of one block of BLOCK arranged rows of one (batch, head), in
     # float32, summed CH rows at a time, times out_scale; padding rows count for nothing.
     # SQUARE: the mean of the rows' elementwise squares instead. SECOND 1: also the mean of the
     # squares, into Out2 (same strides); 2: also the variance (clamped at 0), into Out2.
+    # HEAVY (with SECOND 2): the variance leaves out the block's heavy keys (HIdx [B*H, count]
+    # rows of X in its own order, HBlk their blocks), found by scanning the head's list; the
+    # mean in Out still covers every row. A block of heavy keys only gets variance 0.
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -280,12 +284,31 @@ def _block_mean_kernel(X, Out, Out2, Perm, L, out_scale, sxb, sxh, sxl, sob, soh
         if SECOND > 0:
             acc2 += x * x
     cnt = tl.minimum(L - blk * BLOCK, BLOCK).to(tl.float32)
-    mean = tl.sum(acc, 0) / cnt
+    s1 = tl.sum(acc, 0)
+    s2 = tl.sum(acc2, 0)
+    mean = s1 / cnt
     tl.store(Out + b * sob + h * soh + blk * sol + dd, mean * out_scale)
     if SECOND == 1:
-        tl.store(Out2 + b * sob + h * soh + blk * sol + dd, tl.sum(acc2, 0) / cnt)
+        tl.store(Out2 + b * sob + h * soh + blk * sol + dd, s2 / cnt)
     if SECOND == 2:
-        tl.store(Out2 + b * sob + h * soh + blk * sol + dd, tl.maximum(tl.sum(acc2, 0) / cnt - mean * mean, 0.0))
+        if HEAVY:
+            hr = tl.arange(0, HC)
+            for c0 in range(0, heavy_count, HC):
+                at = c0 + hr
+                mine = tl.load(HBlk + bh * heavy_count + at, mask=at < heavy_count, other=-1) == blk
+                found = tl.sum(mine.to(tl.float32), 0)
+                if found > 0:  # most blocks hold no heavy key: no row is read for them
+                    src = tl.load(HIdx + bh * heavy_count + at, mask=mine, other=0)
+                    xh = tl.load(X + b * sxb + h * sxh + src[:, None] * sxl + dd[None, :], mask=mine[:, None],
+                                 other=0.0).to(tl.float32)
+                    s1 -= tl.sum(xh, 0)
+                    s2 -= tl.sum(xh * xh, 0)
+                    cnt -= found
+            left = tl.maximum(cnt, 1.0)
+            var = tl.maximum(s2 / left - (s1 / left) * (s1 / left), 0.0)
+            tl.store(Out2 + b * sob + h * soh + blk * sol + dd, tl.where(cnt > 0.5, var, 0.0))
+        else:
+            tl.store(Out2 + b * sob + h * soh + blk * sol + dd, tl.maximum(s2 / cnt - mean * mean, 0.0))
 
 
 def block_lengths(L: int, block: int, device=None) -> torch.Tensor:
@@ -324,22 +347,40 @@ SECONDS = {"": 0, "squares": 1, "variance": 2}
 
 
 def block_means_triton(x: torch.Tensor, block: int, perm: torch.Tensor | None = None,
-                       square: bool = False, second: str = "", scale: float = 1.0):
+                       square: bool = False, second: str = "", scale: float = 1.0, heavy=None):
     """:func:`block_means_reference` in one Triton pass; with ``perm`` x is in the caller's order
     and is read as ``x[..., perm, :]`` without a copy. ``square``: means of the squares;
     ``scale``: the means times this. ``second`` "squares" / "variance": the means and, from the
-    same pass, the means of the squares / the variances (a pair)."""
+    same pass, the means of the squares / the variances (a pair). ``heavy`` (a
+    :class:`~.heavy.HeavyKeys`, with "variance" only): the variances leave the heavy keys out;
+    the means still cover every row."""
     B, H, L, D = x.shape
     nb = -(-L // block)
+    if heavy is not None and second != "variance":
+        raise ValueError("block_means_triton: heavy keys are left out of the variances only (second='variance')")
     if x.stride(-1) != 1:
         x = x.contiguous()
     out = torch.empty((B, H, nb, D), device=x.device, dtype=torch.float32)
     out2 = torch.empty_like(out) if second else out
+    if heavy is not None:
+        h_index, h_block, h_count = heavy.index.contiguous(), heavy.block.contiguous(), heavy.index.shape[-1]
+    else:
+        h_index = h_block = out
+        h_count = 0
     _block_mean_kernel[(nb, B * H)](
-        x, out, out2, perm if perm is not None else out, L, float(scale), x.stride(0), x.stride(1), x.stride(2),
+        x, out, out2, perm if perm is not None else out, h_index, h_block, h_count, L, float(scale),
+        x.stride(0), x.stride(1), x.stride(2),
         out.stride(0), out.stride(1), out.stride(2), H=H, D=D, BLOCK=block, CH=min(block, 32),
-        HAS_PERM=perm is not None, SQUARE=square, SECOND=SECONDS[second], num_warps=4)
+        HAS_PERM=perm is not None, SQUARE=square, SECOND=SECONDS[second], HEAVY=heavy is not None, HC=32,
+        num_warps=4)
     return (out, out2) if second else out
+
+
+def scores_from_means(qm: torch.Tensor, km: torch.Tensor, L: int, n: int) -> torch.Tensor:
+    """Block scores [B, H, nqb, nkb] from the block means of q (blocks of m) and k (blocks of n):
+    the softmax over key blocks of mean(q_i) . mean(k_j) / sqrt(D) + ln(real keys of j)."""
+    s = torch.matmul(qm, km.transpose(-1, -2)).mul_(1.0 / math.sqrt(qm.shape[-1]))
+    return s.add_(block_log_lengths(L, n, qm.device)).softmax(-1)
 
 
 def estimate_block_mean(q: torch.Tensor, k: torch.Tensor, m: int, n: int,
@@ -356,5 +397,4 @@ def estimate_block_mean(q: torch.Tensor, k: torch.Tensor, m: int, n: int,
         if perm is not None:
             raise ValueError("the torch block means take arranged q and k (perm None)")
         qm, km = block_means_reference(q, m), block_means_reference(k, n)
-    s = torch.matmul(qm, km.transpose(-1, -2)).mul_(1.0 / math.sqrt(D)).add_(block_log_lengths(L, n, q.device))
-    return s.softmax(-1)
+    return scores_from_means(qm, km, L, n)

@@ -15,6 +15,8 @@ own, leave their blocks' variances as they leave their means.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .estimate import block_lengths_cached, block_means_reference, block_means_triton
@@ -25,21 +27,19 @@ def key_block_variance(k: torch.Tensor, n: int, perm: torch.Tensor | None = None
                        heavy: HeavyKeys | None = None, use_triton: bool = True) -> torch.Tensor:
     """[B, H, nkb, D] float32: per key block and dimension the variance (over the block's real
     keys, heavy keys left out) of the arranged keys. ``use_triton``: k in the caller's order
-    read through ``perm``; otherwise k arranged (``perm`` None)."""
+    read through ``perm``, one pass (``heavy.index`` in that order); otherwise k arranged
+    (``perm`` None, ``heavy.index`` in the arranged order)."""
     B, H, L, D = k.shape
-    if use_triton and heavy is None:
-        return block_means_triton(k, n, perm, second="variance")[1]
     if use_triton:
-        mean, mean_sq = block_means_triton(k, n, perm, second="squares")
-    else:
-        if perm is not None:
-            raise ValueError("the torch block variances take arranged keys (perm None)")
-        mean, mean_sq = block_means_reference(k, n), block_means_reference(k, n, square=True)
+        return block_means_triton(k, n, perm, second="variance", heavy=heavy)[1]
+    if perm is not None:
+        raise ValueError("the torch block variances take arranged keys (perm None)")
+    mean, mean_sq = block_means_reference(k, n), block_means_reference(k, n, square=True)
     if heavy is None:
         return (mean_sq - mean * mean).clamp_min_(0.0)
     counts = block_lengths_cached(L, n, k.device).expand(B, H, -1)
     blk = heavy.block.long()
-    hk = gather_rows(k, heavy.index).float()  # heavy.index is in the order k was given
+    hk = gather_rows(k, heavy.index).float()
     at = blk.unsqueeze(-1).expand_as(hk)
     sums = (mean * counts.unsqueeze(-1)).scatter_add(2, at, -hk)
     sums_sq = (mean_sq * counts.unsqueeze(-1)).scatter_add(2, at, -hk * hk)
@@ -47,6 +47,29 @@ def key_block_variance(k: torch.Tensor, n: int, perm: torch.Tensor | None = None
     mean = sums / left.clamp_min(1.0)
     var = (sums_sq / left.clamp_min(1.0) - mean * mean).clamp_min_(0.0)
     return var.masked_fill_(left < 0.5, 0.0)  # a block of heavy keys only has no tail row
+
+
+@dataclass
+class BlockMoments:
+    """What one Triton pass over q and one over k give (all [B, H, blocks, D] float32): the
+    block means the block-mean estimate routes with, and the moments the spread needs."""
+    q_mean: torch.Tensor   # per query block of m
+    q_sq: torch.Tensor     # per query block, the mean of the squared queries times s^2 / 2
+    k_mean: torch.Tensor   # per key block of n, every key
+    k_var: torch.Tensor    # per key block, the variance over its keys that are not heavy
+
+
+def block_moments(q: torch.Tensor, k: torch.Tensor, m: int, n: int, perm: torch.Tensor | None = None,
+                  heavy: HeavyKeys | None = None) -> BlockMoments:
+    """:class:`BlockMoments` of q and k in the caller's order (read through ``perm``)."""
+    q_mean, q_sq = block_means_triton(q, m, perm, second="squares")
+    k_mean, k_var = block_means_triton(k, n, perm, second="variance", heavy=heavy)
+    return BlockMoments(q_mean, q_sq.mul_(0.5 / q.shape[-1]), k_mean, k_var)
+
+
+def spread_from_moments(mom: BlockMoments) -> torch.Tensor:
+    """[B, H, nqb, nkb] float32: :func:`tail_spread_bias` from the moments."""
+    return torch.matmul(mom.q_sq, mom.k_var.transpose(-1, -2))
 
 
 def tail_spread_bias(q: torch.Tensor, k: torch.Tensor, m: int, n: int, perm: torch.Tensor | None = None,

@@ -11,11 +11,11 @@ import torch
 from psa_kernels import PSAConfig, psa_attention, psa_plan
 from psa_kernels import attention, pyramid, schedule
 from psa_kernels.errors import ConfigError
-from psa_kernels.estimate import block_means_reference, block_means_triton
+from psa_kernels.estimate import block_means_reference, block_means_triton, estimate_block_mean, scores_from_means
 from psa_kernels.heavy import HeavyKeys
-from psa_kernels.layout import arrange
+from psa_kernels.layout import arrange, sequence_permutation
 from psa_kernels.synthetic import calibrate_logit_scale, relative_l2, structured_qkv, video_attention_qkv
-from psa_kernels.tail_spread import key_block_variance, tail_spread_bias
+from psa_kernels.tail_spread import block_moments, key_block_variance, spread_from_moments, tail_spread_bias
 from test_psa_attention import KERNEL_TOL, _close, _random_levels
 
 
@@ -117,6 +117,69 @@ def test_key_block_variance_and_spread_by_hand(with_heavy, device):
         _close(key_block_variance(k, n, heavy=heavy, use_triton=use_triton), want_var, atol=1e-5, rtol=1e-4)
         _close(tail_spread_bias(q, k, m, n, heavy=heavy, use_triton=use_triton),
                _spread_by_hand(q, k, m, n, heavy_sets), atol=1e-5, rtol=1e-4)
+
+
+def _heavy_in_caller_order(L, n, inv, count, seed, B=1, H=2):
+    """Random heavy keys: positions in the caller's order, blocks in the arranged order; the
+    same keys with arranged positions for the torch reference."""
+    g = torch.Generator().manual_seed(seed)
+    index = torch.stack([torch.stack([torch.randperm(L, generator=g)[:count] for _ in range(H)])
+                         for _ in range(B)]).to(inv.device)
+    arranged = inv.long()[index]
+    block = (arranged // n).to(torch.int32)
+    return HeavyKeys(index, block), HeavyKeys(arranged, block)
+
+
+@pytest.mark.parametrize("count", [0, 5, 40])
+def test_block_moments_through_the_arranged_order(count, device):
+    # one pass over q and one over k, read through the arranged order, give the block means of
+    # the estimate and the spread's moments; heavy keys (given in the caller's order) leave the
+    # key variances only. count 40: several heavy keys share blocks, one chunk scan of 32 is not enough.
+    grid, m, n, D = (3, 6, 10), 32, 16, 16
+    L = 3 * 6 * 10 + 7  # a partial last block
+    q, k, _ = structured_qkv((1, 1, L), heads=2, head_dim=D, batch=2, seed=count + 3, device=device)
+    perm, inv = sequence_permutation(grid, 7, False, "Tiled", (1, 2, 5), True, q.device)
+    heavy = arranged_heavy = None
+    if count:
+        heavy, arranged_heavy = _heavy_in_caller_order(L, n, inv, count, seed=count, B=2)
+    qa, ka = arrange(q, perm), arrange(k, perm)
+    mom = block_moments(q, k, m, n, perm, heavy)
+    _close(mom.q_mean, block_means_reference(qa, m), atol=1e-5, rtol=1e-5)
+    _close(mom.q_sq, block_means_reference(qa, m, square=True) * (0.5 / D), atol=1e-6, rtol=1e-5)
+    _close(mom.k_mean, block_means_reference(ka, n), atol=1e-5, rtol=1e-5)  # every key, heavy ones too
+    want_var = key_block_variance(ka, n, heavy=arranged_heavy, use_triton=False)
+    _close(mom.k_var, want_var, atol=1e-5, rtol=1e-4)
+    _close(key_block_variance(k, n, perm, heavy), want_var, atol=1e-5, rtol=1e-4)
+    _close(spread_from_moments(mom), tail_spread_bias(qa, ka, m, n, heavy=arranged_heavy, use_triton=False),
+           atol=1e-5, rtol=1e-4)
+    _close(scores_from_means(mom.q_mean, mom.k_mean, L, n), estimate_block_mean(q, k, m, n, perm),
+           atol=1e-6, rtol=1e-5)
+    if count:  # the variances do move: the heavy keys are not a no-op
+        assert float((mom.k_var - key_block_variance(ka, n, use_triton=False)).abs().max()) > 1e-3
+
+
+def test_heavy_keys_leave_only_the_variances(device):
+    k = structured_qkv((1, 1, 64), heads=1, head_dim=16, seed=2, device=device)[1]
+    heavy = HeavyKeys(torch.tensor([[[3]]], device=device), torch.tensor([[[0]]], device=device, dtype=torch.int32))
+    for second in ("", "squares"):
+        with pytest.raises(ValueError, match="second='variance'"):
+            block_means_triton(k, 16, second=second, heavy=heavy)
+
+
+@pytest.mark.parametrize("estimate_method", ["block_mean", "sampled"])
+def test_plan_routes_the_same_with_the_correction(estimate_method, device):
+    # the block-mean estimate takes its means from the correction's pass: the scores and the
+    # level map must not change with tail_correction, and the spread must be the reference's
+    grid = (2, 8, 16)
+    q, k, _ = structured_qkv(grid, heads=3, head_dim=16, seed=9, device=device)
+    kw = {"heavy_keys": 6, "estimate_method": estimate_method}
+    with_spread = psa_plan(q, k, _cfg("variance", **kw), grid, backend="triton")
+    without = psa_plan(q, k, _cfg("none", **kw), grid, backend="triton")
+    _close(with_spread.scores, without.scores, atol=1e-6, rtol=1e-5)
+    assert torch.equal(with_spread.levels, without.levels)
+    assert without.tail_spread is None
+    ref = psa_plan(q, k, _cfg("variance", **kw), grid, backend="torch")
+    _close(with_spread.tail_spread, ref.tail_spread, atol=1e-5, rtol=1e-4)
 
 
 def test_a_block_of_only_heavy_keys_has_no_spread(device):
