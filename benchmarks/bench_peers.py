@@ -124,6 +124,9 @@ QUICK_SHIPPED = ("Wan2.1_1.3b/psa_topk", "Wan2.1_14b/psa_balanced")
 # 0.1, 0.16, 0.3) scaled by s; each routed both ways
 TAIL_L1 = (0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12)
 TAIL_PYRAMID_SCALE = (0.5, 0.75, 1.5)
+# the same level-1 sweep at key blocks of 128: half the tail rows of n 64 (a cheaper tail loop,
+# a coarser tail and route; NOTES.md change 42)
+TAIL128_L1 = (0.005, 0.01, 0.02, 0.04)
 ESTIMATES = ("sampled", "block_mean")
 # heavy keys per head (heavy_keys): each tail preset (sweeps and shipped) also with these
 HEAVY_COUNTS = (128, 256)
@@ -196,6 +199,9 @@ def psa_presets(quick: bool = False) -> dict:
             for sc in TAIL_PYRAMID_SCALE:
                 cuts = [round(c * sc, 4) for c in (0.06, 0.1, 0.16, 0.3)]
                 out[f"tail64_pyr_x{sc:g}_{est}"] = {**_n64(_ranges(cuts)), "estimate_method": est}
+            for a in TAIL128_L1:
+                out[f"tail128_l1_{a:g}_{est}"] = {**_n64(_ranges([a, a, a, a])), "estimate_method": est,
+                                                  "block_size": {"m": 128, "n": 128, "tile_n": 32}}
         for name, preset in list(out.items()):  # the heavy-key variants come last
             if not preset.get("use_pooled_tail") or preset.get("heavy_keys"):
                 continue

@@ -274,12 +274,15 @@ def test_psa_presets_parse_pair_with_their_tail_twins_and_hit_their_densities():
     assert len(heavy) == len(bp.HEAVY_COUNTS) * sum(bool(p.get("use_pooled_tail")) and not p.get("heavy_keys")
                                                     for n, p in presets.items() if n in names and n not in heavy)
     names = names[:-len(heavy)]
-    tail_only = [n for n in names if n.startswith("tail64_")]  # the tail-only sweeps come next
+    tail_only = [n for n in names if n.startswith(("tail64_", "tail128_"))]  # the tail-only sweeps come next
     assert names[-len(tail_only):] == tail_only
-    assert len(tail_only) == 2 * (len(bp.TAIL_L1) + len(bp.TAIL_PYRAMID_SCALE))
+    assert len(tail_only) == 2 * (len(bp.TAIL_L1) + len(bp.TAIL_PYRAMID_SCALE) + len(bp.TAIL128_L1))
     for n in tail_only:
         cfg = PSAConfig.from_dict(presets[n], n)
-        assert cfg.use_pooled_tail and cfg.block_size.n == 64 and n.endswith(cfg.estimate_method)
+        assert cfg.use_pooled_tail and n.endswith(cfg.estimate_method)
+        assert cfg.block_size.n == int(n.split("_")[0][len("tail"):])
+        if "_l1_" in n:  # level 1 alone, on the share the name gives
+            assert cfg.level_ranges()[0][1:] == (0.0, float(n.split("_")[2]))
     names = names[:-len(tail_only)]
     for plain, tail in zip(names[::2], names[1::2]):
         assert tail == plain + bp.TAIL or plain == tail + bp.NO_TAIL
