@@ -126,7 +126,7 @@ TAIL_L1 = (0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12)
 TAIL_PYRAMID_SCALE = (0.5, 0.75, 1.5)
 # the same level-1 sweep at key blocks of 128: half the tail rows of n 64 (a cheaper tail loop,
 # a coarser tail and route; NOTES.md change 42)
-TAIL128_L1 = (0.005, 0.01, 0.02, 0.04)
+TAIL128_L1 = (0.0025, 0.005, 0.0075, 0.01, 0.02, 0.04)
 ESTIMATES = ("sampled", "block_mean")
 # heavy keys per head (heavy_keys): each tail preset (sweeps and shipped) also with these
 HEAVY_COUNTS = (128, 256)

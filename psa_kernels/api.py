@@ -290,11 +290,24 @@ def bytes_per_head(q: torch.Tensor, cfg: PSAConfig, in_place: bool) -> int:
                estimate.scratch_bytes_per_head(B, L, m, n))
 
 
+# Presets whose level 1 takes at most this share of a row's key blocks (mask_mode topk) read
+# it in place even where memory would hold a copy: the copy reads and writes all of k and v,
+# more than the in-place kernel loses on so few level-1 tiles (benchmarks/NOTES.md change 43).
+IN_PLACE_LEVEL1_SHARE = 0.02
+
+
+def reads_level1_in_place(cfg: PSAConfig) -> bool:
+    """Whether a preset's level 1 is read in place by choice (:data:`IN_PLACE_LEVEL1_SHARE`)."""
+    share = cfg.level1_block_share
+    return share is not None and share <= IN_PLACE_LEVEL1_SHARE
+
+
 def _passes(q: torch.Tensor, cfg: PSAConfig) -> tuple[int, bool]:
     """(heads per pass, level 1 read in place) when the caller names no heads per pass: all
-    heads at once with level 1 copied (fastest) when the free device memory holds that; else
-    level 1 read in place (a smaller pyramid, a slower kernel), all heads at once if they fit,
-    else as many as fit, so that PSA never runs out of memory where one pass would not fit."""
+    heads at once with level 1 copied (fastest, but for presets with a sparse level 1:
+    :func:`reads_level1_in_place`) when the free device memory holds that; else level 1 read
+    in place (a smaller pyramid, a slower kernel), all heads at once if they fit, else as many
+    as fit, so that PSA never runs out of memory where one pass would not fit."""
     H = q.shape[1]
     if not q.is_cuda:
         return H, False
@@ -303,12 +316,14 @@ def _passes(q: torch.Tensor, cfg: PSAConfig) -> tuple[int, bool]:
     # of them first, which took 0.3 ms a call on the H100 machine's host
     stats = torch.cuda.memory_stats_as_nested_dict(q.device)
     free = stats["reserved_bytes"]["all"]["current"] - stats["allocated_bytes"]["all"]["current"]
+    if reads_level1_in_place(cfg):
+        copy = in_place
     if heads_that_fit(H, copy, free) < H:
         # the allocator's cache (which holds the last call's buffers) is short: add what the
         # driver has free besides
         free += torch.cuda.mem_get_info(q.device)[0]
     if heads_that_fit(H, copy, free) == H:
-        return H, False
+        return H, reads_level1_in_place(cfg)
     return heads_that_fit(H, in_place, free), True
 
 

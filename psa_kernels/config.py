@@ -364,6 +364,16 @@ class PSAConfig:
         return [(lvl, *self.mask_ratios[lvl]) for lvl in LEVELS if lvl in self.mask_ratios]
 
     @property
+    def level1_block_share(self) -> float | None:
+        """Under mask_mode topk, the largest share of a row's key blocks that level 1 takes (text
+        blocks, always attended, aside); None under thresholdbound, whose ranges are shares of
+        the attention mass, not of the blocks."""
+        if self.mask_mode != "topk":
+            return None
+        lo, hi = self.mask_ratios.get(1, (0.0, 0.0))
+        return hi - lo
+
+    @property
     def uses_pooled_levels(self) -> bool:
         """Whether a level map of this preset can hold level 2, 4 or 8 (the similarity guard
         only ever makes a pooled level finer, and keeps levels 1 and 0 as they are)."""

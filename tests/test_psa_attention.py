@@ -438,6 +438,29 @@ def test_default_heads_per_pass_reads_the_allocator_then_the_driver(monkeypatch)
     assert api._passes(CudaLike(), cfg) == (4, True) and driver[0] == 2
 
 
+def test_a_sparse_level1_is_read_in_place_when_memory_holds_a_copy(monkeypatch):
+    """Presets routing level 1 to at most IN_PLACE_LEVEL1_SHARE of the key blocks (topk) read it
+    in place even with memory to spare; denser ones and thresholdbound ones copy it."""
+    from psa_kernels import api
+
+    class CudaLike:
+        shape, is_cuda, device = (1, 12, 32760, 128), True, "cuda:0"
+
+        def element_size(self):
+            return 2
+
+    plenty = 1 << 40
+    monkeypatch.setattr(torch.cuda, "memory_stats_as_nested_dict", lambda device: {
+        "reserved_bytes": {"all": {"current": plenty}}, "allocated_bytes": {"all": {"current": 0}}})
+    at = api.IN_PLACE_LEVEL1_SHARE
+    for share, mode, in_place in ((at, "topk", True), (at / 4, "topk", True), (at + 0.01, "topk", False),
+                                  (at / 4, "thresholdbound", False)):
+        cfg = _cfg({1: [0, share], 0: [share, 1]}, mode, m=128, n=128, use_pooled_tail=True)
+        assert (cfg.level1_block_share is None) == (mode == "thresholdbound")
+        assert api.reads_level1_in_place(cfg) == in_place
+        assert api._passes(CudaLike(), cfg) == (12, in_place), (share, mode)
+
+
 @pytest.mark.parametrize("use_sim_mask", [False, True])
 @pytest.mark.parametrize("heads_per_pass", [1, 2])
 def test_heads_in_passes_give_the_same_output(use_sim_mask, heads_per_pass, device):
