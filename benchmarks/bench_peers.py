@@ -129,7 +129,7 @@ TAIL_PYRAMID_SCALE = (0.5, 0.75, 1.5)
 TAIL128_L1 = (0.0025, 0.005, 0.0075, 0.01, 0.02, 0.04)
 ESTIMATES = ("sampled", "block_mean")
 # heavy keys per head (heavy_keys): each tail preset (sweeps and shipped) also with these
-HEAVY_COUNTS = (128, 256)
+HEAVY_COUNTS = (64, 128, 256)
 TAIL, NO_TAIL = "+tail", "-notail"
 SPREAD, NO_SPREAD = "_var", "-novar"  # the tail with / without tail_correction: variance (NOTES.md change 41)
 
