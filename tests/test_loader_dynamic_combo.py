@@ -143,7 +143,8 @@ def test_a_preset_the_section_lacks_is_refused_naming_the_field_and_the_allowed_
     assert error["details"].startswith("model_section.preset: 'psa_topk' not in ['default', 'baseline'")
     # the flat form passes validation (psa_topk is some section's preset): the node names the allowed ones
     with pytest.raises(ConfigError, match=r"preset: 'psa_topk' is not a preset of section 'Wan2.1_14b'; "
-                                          r"allowed: default, baseline, psa_balanced, psa_quality, psa_fast, psa_precise, psa_fidelity"):
+                                          r"allowed: default, baseline, psa_balanced, psa_quality, psa_fast, psa_turbo, psa_precise, "
+                                          r"psa_fidelity"):
         run(nodes, model_section="Wan2.1_14b", preset="psa_topk")
 
 
