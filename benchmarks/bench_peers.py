@@ -542,6 +542,7 @@ def run_case(shape: str, regime_name: str, args, sol, presets: dict, timer: Time
                                                 "sol_default": s.is_default})
     # PSA; a preset with the tail right after its twin without it is checked against the twin's output
     last = (None, None)   # (preset, (output, level-0 pairs)) of the last preset run
+    first_psa = None      # (name, call) of the first preset that ran, timed again at the end
     for name, preset in presets.items():
         try:
             cfg = PSAConfig.from_dict(preset, name)
@@ -557,8 +558,29 @@ def run_case(shape: str, regime_name: str, args, sol, presets: dict, timer: Time
         twin = last[1] if tail_twins(last[0], preset) else None
         res = add("PSA", name, call, {"use_pooled_tail": cfg.use_pooled_tail}, twin=twin)
         last = (preset, res if res[0] is not None else None)
+        if res[0] is not None and first_psa is None:
+            first_psa = (name, call)
+    if first_psa is not None:
+        case["drift"] = timing_drift(case, *first_psa, timer, log)
+        sync(device)
     summarize(case)
     return case
+
+
+# A short call (480p) takes about what the host needs to launch it, and the host's speed can
+# move during a run (benchmarks/RESULTS.md, 2026-12-03 06:46 UTC); the first PSA preset of each
+# case is timed again after the last, and a ratio outside this band is flagged.
+DRIFT_BAND = (0.9, 1.1)
+
+
+def timing_drift(case: dict, name: str, call, timer: "Timer", log) -> dict:
+    """The first PSA preset of a case timed again at its end: {setting, first_ms, again_ms, ratio}."""
+    first = next(r["ms"] for r in case["rows"] if r["method"] == "PSA" and r["setting"] == name)
+    again = timer(lambda: call(False))
+    drift = {"setting": name, "first_ms": first, "again_ms": again, "ratio": again / first}
+    flag = "" if DRIFT_BAND[0] <= drift["ratio"] <= DRIFT_BAND[1] else "  (timing drifted: compare within this case with care)"
+    log(f"   drift check: {name} {first:.3f} ms first, {again:.3f} ms at the end (x{drift['ratio']:.2f}){flag}")
+    return drift
 
 
 def sync(device):
@@ -626,6 +648,7 @@ def markdown(result: dict) -> str:
                   f"{case['heads']} heads): top-10% block share {st['top10_share']:.3f} "
                   f"(target {st['target_top10_share']})", "",
                   f"{case['dense']['method']}: {case['dense']['ms']:.3f} ms, error {case['dense']['error']:.4f}", "",
+                  *drift_lines(case),
                   "| method | setting | speed-up | error | density | ms | front |", "|---|---|---|---|---|---|---|"]
         for r in sorted(case["rows"], key=lambda r: (r["method"], -(r.get("speedup") or 0))):
             if r.get("na"):
@@ -741,10 +764,22 @@ def probe_sol(sol: tuple, device, dtype) -> tuple:
 
 
 _CASE_RE = re.compile(r"^== (\S+) (\S+): .*top-10% block share ([\d.]+) \(target ([\d.]+)\)")
+_DRIFT_RE = re.compile(r"^   drift check: (.+) ([\d.]+) ms first, ([\d.]+) ms at the end")
 _DENSE_RE = re.compile(r"^   (cuDNN SDPA|flash SDPA|SDPA[^:]*): ([\d.]+) ms, error ([\d.]+)")
 _ROW_RE = re.compile(r"^   (PSA|Sol-Attn|sol-standin)\s+(.+?)\s+([\d.]+) ms\s+([\d.]+)x error ([\d.]+)"
                      r"(?: (density|routed) ([\d.]+))?\s*$")
 _SOL_RE = re.compile(r"^(?:tau ([\d.]+)|topk ([\d.]+)) extra (\d+)$")
+
+
+def drift_lines(case: dict) -> list[str]:
+    """The case's drift check for its markdown section (none for runs without it)."""
+    d = case.get("drift")
+    if not d:
+        return []
+    ok = DRIFT_BAND[0] <= d["ratio"] <= DRIFT_BAND[1]
+    return [f"Timing drift: {d['setting']} took {d['first_ms']:.3f} ms first and {d['again_ms']:.3f} ms "
+            f"after the last preset (x{d['ratio']:.2f}){'' if ok else ': **the host or GPU speed moved during this case**'}.",
+            ""]
 
 
 def result_from_logs(texts: list[str], presets: dict) -> dict:
@@ -761,6 +796,9 @@ def result_from_logs(texts: list[str], presets: dict) -> dict:
                 case = {"shape": shape, "grid": list(grid), "heads": heads, "regime": regime, "rows": [],
                         "inputs": {"top10_share": float(m.group(3)), "target_top10_share": float(m.group(4))}}
                 found.append(case)
+            elif case is not None and (m := _DRIFT_RE.match(line)):
+                first, again = float(m.group(2)), float(m.group(3))
+                case["drift"] = {"setting": m.group(1), "first_ms": first, "again_ms": again, "ratio": again / first}
             elif case is not None and (m := _DENSE_RE.match(line)):
                 case["dense"] = {"method": m.group(1), "ms": float(m.group(2)), "error": float(m.group(3))}
             elif case is not None and (m := _ROW_RE.match(line)):

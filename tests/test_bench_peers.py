@@ -348,6 +348,19 @@ def test_dry_run_writes_tables_and_plot(tmp_path):
     md = (tmp_path / "peers.md").read_text()
     assert "DRY RUN" in md and "| sol-standin | tau 1.3 extra 256 |" in md
     assert result["cases"][0]["regime"] == "mixed"
+    # the first preset that ran is timed again after the last (the drift check)
+    drift = case["drift"]
+    assert drift["setting"] == "topk_d0.10" and drift["first_ms"] == psa[0]["ms"] and drift["again_ms"] > 0
+    assert drift["ratio"] == pytest.approx(drift["again_ms"] / drift["first_ms"])
+    assert f"Timing drift: topk_d0.10 took {drift['first_ms']:.3f} ms first" in md
+
+
+def test_drift_lines_flag_a_run_whose_speed_moved():
+    steady = {"drift": {"setting": "p", "first_ms": 1.0, "again_ms": 1.05, "ratio": 1.05}}
+    moved = {"drift": {"setting": "p", "first_ms": 1.0, "again_ms": 1.4, "ratio": 1.4}}
+    assert bp.drift_lines({}) == []
+    assert "moved" not in bp.drift_lines(steady)[0] and "(x1.05)" in bp.drift_lines(steady)[0]
+    assert "the host or GPU speed moved during this case" in bp.drift_lines(moved)[0]
 
 
 # ---------------------------------------------------------------------- bench_wan_forward's Sol override
@@ -425,7 +438,8 @@ def test_result_from_logs_rebuilds_cases_and_takes_each_from_the_first_log_that_
              "routed_share": 0.05},
             {"method": "PSA", "setting": name, "ms": 2.5, "speedup": 4.0, "error": 0.04, "density": 0.1}]
     whole = "\n".join(["== 480p mixed: heads; top-10% block share 0.600 (target 0.6), inputs 0.1 s",
-                       "   cuDNN SDPA: 10.000 ms, error 0.0017", *("   " + bp.format_row(r) for r in rows)])
+                       "   cuDNN SDPA: 10.000 ms, error 0.0017", *("   " + bp.format_row(r) for r in rows),
+                       f"   drift check: {name} 2.500 ms first, 3.000 ms at the end (x1.20)  (timing drifted)"])
     cut = "\n".join(["== 480p mixed: heads; top-10% block share 0.610 (target 0.6), inputs 0.1 s",
                      "   cuDNN SDPA: 11.000 ms, error 0.0017", "   " + bp.format_row(rows[0])])
     result = bp.result_from_logs([cut, whole], shipped)   # the cut case has no PSA row: the whole one wins
@@ -435,6 +449,7 @@ def test_result_from_logs_rebuilds_cases_and_takes_each_from_the_first_log_that_
     assert sol_default["sol_default"] and sol_default["tau"] == 1.3 and sol_default["extra_tokens"] == 256
     assert sol_topk["topk_ratio"] == 0.05 and not sol_topk["sol_default"] and sol_topk["routed_share"] == 0.05
     assert psa["use_pooled_tail"] and psa["density"] == 0.1
+    assert case["drift"] == {"setting": name, "first_ms": 2.5, "again_ms": 3.0, "ratio": pytest.approx(1.2)}
     by_sol = {c["sol"]: c for c in case["vs_sol"]}
     assert by_sol["tau 1.3 extra 256"]["psa"] == name and by_sol["tau 1.3 extra 256"]["ratio"] == pytest.approx(1.6)
     assert by_sol["topk 0.05 extra 0"]["ratio"] == pytest.approx(0.8)
