@@ -316,14 +316,15 @@ def _passes(q: torch.Tensor, cfg: PSAConfig) -> tuple[int, bool]:
     # of them first, which took 0.3 ms a call on the H100 machine's host
     stats = torch.cuda.memory_stats_as_nested_dict(q.device)
     free = stats["reserved_bytes"]["all"]["current"] - stats["allocated_bytes"]["all"]["current"]
-    if reads_level1_in_place(cfg):
+    by_choice = reads_level1_in_place(cfg)
+    if by_choice:
         copy = in_place
     if heads_that_fit(H, copy, free) < H:
         # the allocator's cache (which holds the last call's buffers) is short: add what the
         # driver has free besides
         free += torch.cuda.mem_get_info(q.device)[0]
     if heads_that_fit(H, copy, free) == H:
-        return H, reads_level1_in_place(cfg)
+        return H, by_choice
     return heads_that_fit(H, in_place, free), True
 
 

@@ -77,12 +77,9 @@ def tail_spread_bias(q: torch.Tensor, k: torch.Tensor, m: int, n: int, perm: tor
     """[B, H, nqb, nkb] float32 (natural log): s^2 / 2 * Q2_I . var_J for every pair of a query
     block of m and a key block of n (module docstring). ``use_triton``: q, k in the caller's
     order read through ``perm``; otherwise both arranged (``perm`` None)."""
-    D = q.shape[-1]
-    if use_triton:  # the factor s^2 / 2 = 0.5 / D taken on the way
-        q2 = block_means_triton(q, m, perm, square=True, scale=0.5 / D)
-    else:
-        if perm is not None:
-            raise ValueError("the torch tail spread takes arranged q and k (perm None)")
-        q2 = block_means_reference(q, m, square=True).mul_(0.5 / D)
-    var = key_block_variance(k, n, perm, heavy, use_triton)
-    return torch.matmul(q2, var.transpose(-1, -2))
+    if use_triton:
+        return spread_from_moments(block_moments(q, k, m, n, perm, heavy))
+    if perm is not None:
+        raise ValueError("the torch tail spread takes arranged q and k (perm None)")
+    q2 = block_means_reference(q, m, square=True).mul_(0.5 / q.shape[-1])
+    return torch.matmul(q2, key_block_variance(k, n, heavy=heavy, use_triton=False).transpose(-1, -2))
