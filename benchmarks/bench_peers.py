@@ -125,7 +125,7 @@ QUICK_SHIPPED = ("Wan2.1_1.3b/psa_topk", "Wan2.1_14b/psa_balanced")
 TAIL_L1 = (0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12)
 TAIL_PYRAMID_SCALE = (0.5, 0.75, 1.5)
 # the same level-1 sweep at key blocks of 128: half the tail rows of n 64 (a cheaper tail loop,
-# a coarser tail and route; NOTES.md change 42)
+# a coarser tail and route; NOTES.md change 44)
 TAIL128_L1 = (0.0025, 0.005, 0.0075, 0.01, 0.02, 0.04)
 ESTIMATES = ("sampled", "block_mean")
 # heavy keys per head (heavy_keys): each tail preset (sweeps and shipped) also with these
@@ -573,12 +573,17 @@ def run_case(shape: str, regime_name: str, args, sol, presets: dict, timer: Time
 DRIFT_BAND = (0.9, 1.1)
 
 
+def drifted(drift: dict) -> bool:
+    """Whether a drift check's ratio lies outside :data:`DRIFT_BAND`."""
+    return not DRIFT_BAND[0] <= drift["ratio"] <= DRIFT_BAND[1]
+
+
 def timing_drift(case: dict, name: str, call, timer: "Timer", log) -> dict:
     """The first PSA preset of a case timed again at its end: {setting, first_ms, again_ms, ratio}."""
     first = next(r["ms"] for r in case["rows"] if r["method"] == "PSA" and r["setting"] == name)
     again = timer(lambda: call(False))
     drift = {"setting": name, "first_ms": first, "again_ms": again, "ratio": again / first}
-    flag = "" if DRIFT_BAND[0] <= drift["ratio"] <= DRIFT_BAND[1] else "  (timing drifted: compare within this case with care)"
+    flag = "  (timing drifted: compare within this case with care)" if drifted(drift) else ""
     log(f"   drift check: {name} {first:.3f} ms first, {again:.3f} ms at the end (x{drift['ratio']:.2f}){flag}")
     return drift
 
@@ -776,9 +781,9 @@ def drift_lines(case: dict) -> list[str]:
     d = case.get("drift")
     if not d:
         return []
-    ok = DRIFT_BAND[0] <= d["ratio"] <= DRIFT_BAND[1]
+    moved = ": **the host or GPU speed moved during this case**" if drifted(d) else ""
     return [f"Timing drift: {d['setting']} took {d['first_ms']:.3f} ms first and {d['again_ms']:.3f} ms "
-            f"after the last preset (x{d['ratio']:.2f}){'' if ok else ': **the host or GPU speed moved during this case**'}.",
+            f"after the last preset (x{d['ratio']:.2f}){moved}.",
             ""]
 
 

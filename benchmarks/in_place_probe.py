@@ -27,10 +27,10 @@ import triton.testing
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from psa_kernels import api, attention, load_attention_config, psa_attention, psa_plan, pyramid, schedule  # noqa: E402
+from psa_kernels import (PSAConfig, api, attention, load_attention_config, psa_attention, psa_plan,  # noqa: E402
+                         pyramid, schedule)
 from psa_kernels.synthetic import relative_l2  # noqa: E402
 from bench_peers import REGIMES, SHAPES, make_inputs, psa_presets  # noqa: E402
-from psa_kernels import PSAConfig  # noqa: E402
 
 PRESETS = {"480p": ("Wan2.1_1.3b", ("psa_fast", "psa_precise", "psa_quality", "psa_balanced")),
            "720p": ("Wan2.1_14b", ("psa_fast", "psa_precise", "psa_quality", "psa_balanced"))}
