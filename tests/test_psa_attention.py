@@ -404,17 +404,19 @@ def test_heads_per_pass_follow_free_memory():
     assert heads_that_fit(12, 100, 50) == 1       # never fewer than one
 
 
+class CudaLike:
+    """The attributes of q that api._passes reads: 480p x 12 heads, bf16, on a GPU."""
+    shape, is_cuda, device = (1, 12, 32760, 128), True, "cuda:0"
+
+    def element_size(self):
+        return 2
+
+
 def test_default_heads_per_pass_reads_the_allocator_then_the_driver(monkeypatch):
     """psa_attention's default: the allocator's cached free bytes first; the driver's free
     memory is asked for only when the cache cannot hold all heads with level 1 copied. Short of
     that, level 1 is read in place, all heads at once if they fit, else as many as fit."""
     from psa_kernels import api
-
-    class CudaLike:  # the attributes _passes reads of q
-        shape, is_cuda, device = (1, 12, 32760, 128), True, "cuda:0"
-
-        def element_size(self):
-            return 2
 
     cfg = _cfg({1: [0, .1], 0: [.1, 1]}, "topk", m=128, n=64, use_pooled_tail=True)
     copy, in_place = api.bytes_per_head(CudaLike(), cfg, False), api.bytes_per_head(CudaLike(), cfg, True)
@@ -442,12 +444,6 @@ def test_a_sparse_level1_is_read_in_place_when_memory_holds_a_copy(monkeypatch):
     """Presets routing level 1 to at most IN_PLACE_LEVEL1_SHARE of the key blocks (topk) read it
     in place even with memory to spare; denser ones and thresholdbound ones copy it."""
     from psa_kernels import api
-
-    class CudaLike:
-        shape, is_cuda, device = (1, 12, 32760, 128), True, "cuda:0"
-
-        def element_size(self):
-            return 2
 
     plenty = 1 << 40
     monkeypatch.setattr(torch.cuda, "memory_stats_as_nested_dict", lambda device: {
