@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from . import attention, estimate, levels as levels_mod, pyramid, schedule
-from .tail_spread import block_moments, spread_from_moments, tail_spread_bias
-from .heavy import HeavyKeys, heavy_per_row, select_heavy_keys
+from .tail_spread import block_moments, query_moments, spread_from_moments, tail_spread_bias
+from .heavy import HeavyKeys, heavy_per_row, mean_query_from_blocks, select_heavy_keys
 from .config import PSAConfig
 from .layout import arrange, as_index, restore, sequence_permutation
 
@@ -178,17 +178,20 @@ def psa_plan(q: torch.Tensor, k: torch.Tensor, cfg: PSAConfig, grid, text_len: i
     text_k = torch.arange(nkb, device=q.device) * n + n > video_len if text_len else None
     pyr = sim = heavy = spread = None
     with_spread = cfg.use_pooled_tail and cfg.tail_correction == "variance"
-    if cfg.heavy_keys:
-        triton_path = backend == "triton"
-        heavy = select_heavy_keys(q, _unit_stride(k) if triton_path else k, cfg.heavy_keys, n, inv, video_len,
-                                  use_triton=triton_path)
     if backend == "triton":
         # The kernels read the arranged order through perm, so nothing is copied; the pyramid
         # pass reads every key block anyway and measures key similarity on the way.
         q, k = _unit_stride(q), _unit_stride(k)
         # With the spread correction one pass over q and one over k give both the spread's
-        # moments and the block means the block-mean estimate routes with.
-        mom = block_moments(q, k, m, n, perm, heavy) if with_spread else None
+        # moments and the block means the block-mean estimate routes with; the heavy keys,
+        # which the k pass needs, take their mean query from the q pass's block means.
+        qmom = query_moments(q, m, perm) if with_spread else None
+        if cfg.heavy_keys:
+            qbar = (mean_query_from_blocks(qmom[0], estimate.block_lengths_cached(L, m, q.device))
+                    if qmom is not None else None)
+            heavy = select_heavy_keys(q, k, cfg.heavy_keys, n, inv, video_len, use_triton=True, qbar=qbar)
+        mom = block_moments(q, k, m, n, perm, heavy, query=qmom) if with_spread else None
+        del qmom
         if cfg.estimate_method == "block_mean":
             scores = (estimate.scores_from_means(mom.q_mean, mom.k_mean, L, n) if mom is not None
                       else estimate.estimate_block_mean(q, k, m, n, perm))
@@ -204,6 +207,8 @@ def psa_plan(q: torch.Tensor, k: torch.Tensor, cfg: PSAConfig, grid, text_len: i
                                                     heavy=heavy if keep_pyramid else None,
                                                     **pyramid_layout(cfg, k, v if keep_pyramid else k, in_place))
     else:
+        if cfg.heavy_keys:
+            heavy = select_heavy_keys(q, k, cfg.heavy_keys, n, inv, video_len)
         qa, ka = arrange(q, perm), arrange(k, perm)
         scores = (estimate.estimate_block_mean(qa, ka, m, n, triton_means=False) if cfg.estimate_method == "block_mean"
                   else estimate.estimate_reference(qa, ka, m, n))

@@ -7,7 +7,8 @@ weight. Per (batch, head) the ``count`` keys with the largest logit against the 
 query are taken out of the block structure where their block is skipped: a query block whose
 level map puts a heavy key's block at level 0 attends that key exactly, and that block's tail
 mean is taken over its other keys. Where the block is routed (level 1, 2, 4 or 8) the key stays
-where it is, so every key counts once. Selection reads q and k once (one mean, one product).
+where it is, so every key counts once. Selection reads q and k once (one mean, one product);
+given the per-block means of q from another pass (:func:`mean_query_from_blocks`), k alone.
 """
 from __future__ import annotations
 
@@ -44,13 +45,22 @@ def _mean_query_logit_kernel(K, Qbar, Out, L, skb, skh, skl, H: tl.constexpr, D:
     tl.store(Out + bh * L + r, tl.sum(k.to(tl.float32) * qbar[None, :], 1), mask=valid)
 
 
-def mean_query_logits(q: torch.Tensor, k: torch.Tensor, use_triton: bool = False) -> torch.Tensor:
+def mean_query_from_blocks(q_mean: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """[B, H, D] float32: the mean query of each head from its block means ``q_mean``
+    [B, H, nqb, D] and the blocks' real lengths ``lengths`` [nqb] (a weighted mean, one product)."""
+    return torch.matmul(lengths / lengths.sum(), q_mean)
+
+
+def mean_query_logits(q: torch.Tensor, k: torch.Tensor, use_triton: bool = False,
+                      qbar: torch.Tensor | None = None) -> torch.Tensor:
     """[B, H, L] float32: every key's logit against its head's mean query (q, k [B, H, L, D], any
-    strides with unit stride along D on the Triton path). Neither path copies q or k: the mean
-    is a strided reduction, and the Triton kernel reads k once where torch's batched product
-    would first copy a k that is a view of [B, L, H*D] (benchmarks/NOTES.md, change 32)."""
-    B, H, L, D = q.shape
-    qbar = q.mean(dim=2, dtype=torch.float32)                              # [B, H, D]
+    strides with unit stride along D on the Triton path; ``qbar`` [B, H, D] float32: that mean
+    query, known already, and q is not read). Neither path copies q or k: the mean is a strided
+    reduction, and the Triton kernel reads k once where torch's batched product would first
+    copy a k that is a view of [B, L, H*D] (benchmarks/NOTES.md, change 32)."""
+    B, H, L, D = k.shape
+    if qbar is None:
+        qbar = q.mean(dim=2, dtype=torch.float32)                          # [B, H, D]
     if not use_triton:
         return torch.matmul(k.float(), qbar.unsqueeze(-1)).squeeze(-1)
     out = torch.empty((B, H, L), device=k.device, dtype=torch.float32)
@@ -61,15 +71,15 @@ def mean_query_logits(q: torch.Tensor, k: torch.Tensor, use_triton: bool = False
 
 def select_heavy_keys(q: torch.Tensor, k: torch.Tensor, count: int, n: int,
                       inv: torch.Tensor | None = None, video_len: int | None = None,
-                      use_triton: bool = False) -> HeavyKeys:
+                      use_triton: bool = False, qbar: torch.Tensor | None = None) -> HeavyKeys:
     """The ``count`` keys of each head with the largest ``mean(q) . k`` ([B, H, L, D] in the
     caller's order; ``inv[i]`` is the arranged position of token i, None for the identity).
     Only video tokens are candidates (``video_len`` of them, first in the arranged order): text
-    blocks are always attended in full."""
-    B, H, L, D = q.shape
+    blocks are always attended in full. ``qbar``: the mean query, known already (q unread)."""
+    B, H, L, D = k.shape
     count = min(int(count), L)
-    logit = mean_query_logits(q, k, use_triton)
-    pos = inv if inv is not None else torch.arange(L, device=q.device)
+    logit = mean_query_logits(q, k, use_triton, qbar)
+    pos = inv if inv is not None else torch.arange(L, device=k.device)
     if video_len is not None and video_len < L:
         logit = logit.masked_fill(pos >= video_len, float("-inf"))
         count = min(count, video_len)

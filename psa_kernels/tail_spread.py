@@ -59,12 +59,21 @@ class BlockMoments:
     k_var: torch.Tensor    # per key block, the variance over its keys that are not heavy
 
 
-def block_moments(q: torch.Tensor, k: torch.Tensor, m: int, n: int, perm: torch.Tensor | None = None,
-                  heavy: HeavyKeys | None = None) -> BlockMoments:
-    """:class:`BlockMoments` of q and k in the caller's order (read through ``perm``)."""
+def query_moments(q: torch.Tensor, m: int, perm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The q half of :class:`BlockMoments` (``q_mean``, ``q_sq``), one pass over q in the
+    caller's order (read through ``perm``)."""
     q_mean, q_sq = block_means_triton(q, m, perm, second="squares")
+    return q_mean, q_sq.mul_(0.5 / q.shape[-1])
+
+
+def block_moments(q: torch.Tensor, k: torch.Tensor, m: int, n: int, perm: torch.Tensor | None = None,
+                  heavy: HeavyKeys | None = None,
+                  query: tuple[torch.Tensor, torch.Tensor] | None = None) -> BlockMoments:
+    """:class:`BlockMoments` of q and k in the caller's order (read through ``perm``);
+    ``query``: :func:`query_moments` of q taken already (q is not read again)."""
+    q_mean, q_sq = query if query is not None else query_moments(q, m, perm)
     k_mean, k_var = block_means_triton(k, n, perm, second="variance", heavy=heavy)
-    return BlockMoments(q_mean, q_sq.mul_(0.5 / q.shape[-1]), k_mean, k_var)
+    return BlockMoments(q_mean, q_sq, k_mean, k_var)
 
 
 def spread_from_moments(mom: BlockMoments) -> torch.Tensor:

@@ -2,13 +2,17 @@
 attends exactly, taken out of that block's tail mean. Torch reference and Triton kernel
 (interpreter on CPU) against the definition written out by hand; the public API against dense
 attention where nothing is skipped, and on sink heads, where the heavy keys are the point."""
+import dataclasses
+
 import pytest
 import torch
 
 from psa_kernels import PSAConfig, psa_attention, psa_plan
 from psa_kernels import attention, pyramid, schedule
 from psa_kernels.errors import ConfigError
-from psa_kernels.heavy import HeavyKeys, heavy_per_row, mean_query_logits, select_heavy_keys
+from psa_kernels.estimate import block_lengths, block_means_reference
+from psa_kernels.heavy import (HeavyKeys, heavy_per_row, mean_query_from_blocks, mean_query_logits,
+                                select_heavy_keys)
 from psa_kernels.synthetic import relative_l2, structured_qkv, video_attention_qkv
 from test_psa_tail import passes_match_one_pass
 from test_psa_attention import HAND_LEVELS, KERNEL_TOL, _close, _random_levels, attention_over_groups
@@ -94,11 +98,14 @@ def test_nothing_skipped_is_dense_attention(backend, device):
     _close(out, dense, **(KERNEL_TOL if backend == "triton" else dict(atol=1e-5, rtol=1e-5)))
 
 
-def test_selection_picks_the_keys_the_mean_query_likes_most(device):
-    grid, n = (2, 6, 8), 16
+@pytest.mark.parametrize("backend,correction", [("torch", "none"), ("triton", "none"), ("triton", "variance")])
+def test_selection_picks_the_keys_the_mean_query_likes_most(backend, correction, device):
+    # 100 tokens: the last query block of 16 is partial, so a mean query taken from the
+    # spread pass's block means (Triton with the correction) must weigh blocks by length
+    grid, n = (2, 5, 10), 16
     q, k, _ = structured_qkv(grid, heads=3, head_dim=16, seed=7, device=device)
-    cfg = _cfg({1: [0.0, 0.2], 0: [0.2, 1.0]}, heavy_keys=5, n=n)
-    plan = psa_plan(q, k, cfg, grid, backend="torch")
+    cfg = dataclasses.replace(_cfg({1: [0.0, 0.2], 0: [0.2, 1.0]}, heavy_keys=5, n=n), tail_correction=correction)
+    plan = psa_plan(q, k, cfg, grid, backend=backend)
     logit = (k.double() @ q.double().mean(2, keepdim=True).transpose(-1, -2)).squeeze(-1)   # [B, H, L]
     expected = logit.topk(5, dim=-1).indices.sort(-1).values
     assert torch.equal(plan.heavy.index.sort(-1).values, expected)
@@ -118,6 +125,15 @@ def test_mean_query_logits_kernel_matches_torch_on_a_model_layout(device):
     kb = k.to(torch.bfloat16)
     _close(mean_query_logits(q, kb, use_triton=True), mean_query_logits(q, kb.float(), use_triton=False),
            atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("L,m", [(150, 32), (128, 32), (7, 16)])
+def test_mean_query_from_block_means_is_the_mean_query(L, m, device):
+    q = torch.randn(2, 3, L, 16, generator=torch.Generator().manual_seed(L)).to(device) + 0.5
+    got = mean_query_from_blocks(block_means_reference(q, m), block_lengths(L, m, q.device))
+    _close(got, q.double().mean(2), atol=1e-5, rtol=1e-5)
+    k = torch.randn_like(q)
+    _close(mean_query_logits(None, k, qbar=got), mean_query_logits(q, k), atol=1e-4, rtol=1e-4)
 
 
 def test_text_tokens_are_never_heavy(device):
