@@ -252,14 +252,12 @@ def estimate_triton(q: torch.Tensor, k: torch.Tensor, m: int, n: int,
 
 
 @triton.jit
-def _block_mean_kernel(X, Out, Out2, Perm, HIdx, HBlk, heavy_count, L, out_scale, sxb, sxh, sxl, sob, soh, sol,
+def _block_mean_kernel(X, Out, Out2, Perm, HIdx, HBlk, heavy_count, L, sxb, sxh, sxl, sob, soh, sol,
                        H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, CH: tl.constexpr,
-                       HAS_PERM: tl.constexpr, SQUARE: tl.constexpr, SECOND: tl.constexpr,
-                       HEAVY: tl.constexpr, HC: tl.constexpr):
+                       HAS_PERM: tl.constexpr, SECOND: tl.constexpr, HEAVY: tl.constexpr, HC: tl.constexpr):
     # One program: the mean of one block of BLOCK arranged rows of one (batch, head), in
-    # float32, summed CH rows at a time, times out_scale; padding rows count for nothing.
-    # SQUARE: the mean of the rows' elementwise squares instead. SECOND 1: also the mean of the
-    # squares, into Out2 (same strides); 2: also the variance (clamped at 0), into Out2.
+    # float32, summed CH rows at a time; padding rows count for nothing. SECOND 1: also the
+    # mean of the squares, into Out2 (same strides); 2: also the variance (clamped at 0), into Out2.
     # HEAVY (with SECOND 2): the variance leaves out the block's heavy keys (HIdx [B*H, count]
     # rows of X in its own order, HBlk their blocks), found by scanning the head's list; the
     # mean in Out still covers every row. A block of heavy keys only gets variance 0.
@@ -278,8 +276,6 @@ def _block_mean_kernel(X, Out, Out2, Perm, HIdx, HBlk, heavy_count, L, out_scale
             src = tl.load(Perm + r, mask=valid, other=0)
         x = tl.load(X + b * sxb + h * sxh + src[:, None] * sxl + dd[None, :], mask=valid[:, None],
                     other=0.0).to(tl.float32)
-        if SQUARE:
-            x = x * x
         acc += x
         if SECOND > 0:
             acc2 += x * x
@@ -287,7 +283,7 @@ def _block_mean_kernel(X, Out, Out2, Perm, HIdx, HBlk, heavy_count, L, out_scale
     s1 = tl.sum(acc, 0)
     s2 = tl.sum(acc2, 0)
     mean = s1 / cnt
-    tl.store(Out + b * sob + h * soh + blk * sol + dd, mean * out_scale)
+    tl.store(Out + b * sob + h * soh + blk * sol + dd, mean)
     if SECOND == 1:
         tl.store(Out2 + b * sob + h * soh + blk * sol + dd, s2 / cnt)
     if SECOND == 2:
@@ -347,10 +343,9 @@ SECONDS = {"": 0, "squares": 1, "variance": 2}
 
 
 def block_means_triton(x: torch.Tensor, block: int, perm: torch.Tensor | None = None,
-                       square: bool = False, second: str = "", scale: float = 1.0, heavy=None):
+                       second: str = "", heavy=None):
     """:func:`block_means_reference` in one Triton pass; with ``perm`` x is in the caller's order
-    and is read as ``x[..., perm, :]`` without a copy. ``square``: means of the squares;
-    ``scale``: the means times this. ``second`` "squares" / "variance": the means and, from the
+    and is read as ``x[..., perm, :]`` without a copy. ``second`` "squares" / "variance": the means and, from the
     same pass, the means of the squares / the variances (a pair). ``heavy`` (a
     :class:`~.heavy.HeavyKeys`, with "variance" only): the variances leave the heavy keys out;
     the means still cover every row."""
@@ -368,10 +363,10 @@ def block_means_triton(x: torch.Tensor, block: int, perm: torch.Tensor | None = 
         h_index = h_block = out
         h_count = 0
     _block_mean_kernel[(nb, B * H)](
-        x, out, out2, perm if perm is not None else out, h_index, h_block, h_count, L, float(scale),
+        x, out, out2, perm if perm is not None else out, h_index, h_block, h_count, L,
         x.stride(0), x.stride(1), x.stride(2),
         out.stride(0), out.stride(1), out.stride(2), H=H, D=D, BLOCK=block, CH=min(block, 32),
-        HAS_PERM=perm is not None, SQUARE=square, SECOND=SECONDS[second], HEAVY=heavy is not None, HC=32,
+        HAS_PERM=perm is not None, SECOND=SECONDS[second], HEAVY=heavy is not None, HC=32,
         num_warps=4)
     return (out, out2) if second else out
 

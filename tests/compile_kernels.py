@@ -75,13 +75,12 @@ def variants(arch: int = 90):
                (), dict(H=12, SQ=sq, KBLOCKS=128 // sk, CHUNK=estimate.REDUCE_CHUNK, SPLITS=splits), {"num_warps": 4})
     # means (routing), means of squares (queries) and both (keys: the tail spread correction,
     # with heavy keys left out of the variances)
-    for block, square, second, heavy in ((64, False, 0, False), (128, False, 0, False), (128, True, 0, False),
-                                         (64, False, 1, False), (64, False, 2, False), (64, False, 2, True)):
-        yield (f"block means {block} square={square} second={second} heavy={heavy}", estimate._block_mean_kernel,
+    for block, second, heavy in ((64, 0, False), (128, 0, False), (128, 1, False), (64, 1, False),
+                                 (64, 2, False), (64, 2, True), (128, 2, True)):
+        yield (f"block means {block} second={second} heavy={heavy}", estimate._block_mean_kernel,
                {"X": "bf16", "Out": "fp32", "Out2": "fp32", "Perm": "i32", "HIdx": "i64" if heavy else "fp32",
-                "HBlk": "i32" if heavy else "fp32"}, ("out_scale",),
-               dict(H=12, D=128, BLOCK=block, CH=32, HAS_PERM=True, SQUARE=square, SECOND=second, HEAVY=heavy,
-                    HC=32),
+                "HBlk": "i32" if heavy else "fp32"}, (),
+               dict(H=12, D=128, BLOCK=block, CH=32, HAS_PERM=True, SECOND=second, HEAVY=heavy, HC=32),
                {"num_warps": 4})
     bounds = ("r1lo", "r1hi", "r2lo", "r2hi", "r4lo", "r4hi", "r8lo", "r8hi")
     for threshold, nkb, presorted in ((True, 512, False), (False, 4096, True)):

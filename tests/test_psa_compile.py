@@ -18,7 +18,7 @@ from pathlib import Path
 from pack_import import pack_module
 
 SCRIPT = Path(__file__).with_name("compile_kernels.py")
-VARIANTS = 47  # per GPU
+VARIANTS = 48  # per GPU
 
 
 def test_every_kernel_variant_compiles_for_every_supported_gpu():
