@@ -318,7 +318,7 @@ def _passes(q: torch.Tensor, cfg: PSAConfig) -> tuple[int, bool]:
         return H, False
     copy, in_place = bytes_per_head(q, cfg, False), bytes_per_head(q, cfg, True)
     # the nested statistics: torch.cuda.memory_reserved() and memory_allocated() flatten all
-    # of them first, which took 0.3 ms a call on the H100 machine's host
+    # of them first, a host cost on every call (benchmarks/NOTES.md, change 20)
     stats = torch.cuda.memory_stats_as_nested_dict(q.device)
     free = stats["reserved_bytes"]["all"]["current"] - stats["allocated_bytes"]["all"]["current"]
     by_choice = reads_level1_in_place(cfg)

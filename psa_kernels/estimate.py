@@ -161,7 +161,7 @@ def _estimate_reduce_kernel(Part, MaxAt, MaxEnd, Norm, QWeight, Out, nkb, ntiles
         tl.store(out + kb, tl.reshape(score, [CHUNK]), mask=inside)
 
 
-REDUCE_CHUNK = 256  # key blocks per step of the reduction (H100 probe, change 27)
+REDUCE_CHUNK = 256  # key blocks per step of the reduction (benchmarks/NOTES.md change 27)
 
 
 def _launch_shape(L: int, m: int, n: int, rows: int, tile: int) -> tuple[int, int, int, int, int]:

@@ -18,23 +18,23 @@ MIN_FULL_SHARE = 0.06
 # segmented sort before the level kernel (H100 probe, benchmarks/NOTES.md).
 PRESORT_ABOVE = 1024
 # topk rows whose rank table changes level at most this many times are ranked by bisection
-# instead of a sort (H100 probe, benchmarks/NOTES.md change 21: one cut 0.02-0.03 ms against a
-# 0.05-0.14 ms sort at 480p, 0.09-0.35 against 0.37-0.98 ms at 720p; four cuts lose at 720p) ...
+# instead of a sort (one or two cuts beat the sort at both Wan shapes, four lose at 720p;
+# benchmarks/NOTES.md change 21) ...
 SELECT_CUTS = 2
 # ... and rows with more, whose last change comes within this share of the row, find the other
-# changes among the blocks before it (change 24: psa_topk 480p 0.14 -> 0.064 ms, 720p 0.98 ->
-# 0.92 ms; n = 128 rows at 720p 0.37 -> 0.17 ms).
+# changes among the blocks before it (faster than the sort at both shapes, most for short
+# rows; benchmarks/NOTES.md change 24).
 COMPACT_SHARE = 0.5
 # rank="sample": the set packed for the cuts is the blocks at or above a pivot read off a
 # sorted sample of this many keys, sized for a quarter more blocks than the last cut keeps.
-# The default for rows of at least SAMPLE_ROWS key blocks (rounded up to a power of two):
-# H100, 720p (change 28): psa_topk 0.92 -> 0.72 ms, one cut 0.38 -> 0.27 ms (n = 32); at
-# 480p the bisections over the set cost more than they save.
+# The default for rows of at least SAMPLE_ROWS key blocks (rounded up to a power of two): it
+# pays at 720p, while at 480p the bisections over the set cost more than they save
+# (benchmarks/NOTES.md change 28).
 PIVOT_SAMPLE = 256
 SAMPLE_ROWS = 2048
-# Warps of _topk_set_kernel: one (H100, change 28: 720p psa_topk rows 0.72 -> 0.51 ms with
-# the set in a kernel of its own, against 0.61-0.75 ms with 2-8 warps); the first kernel of
-# "sample" gets one warp per 512 slots of the row.
+# Warps of _topk_set_kernel: one (the set in a kernel of its own with one warp beat 2-8 warps;
+# benchmarks/NOTES.md change 28); the first kernel of "sample" gets one warp per 512 slots of
+# the row.
 SET_WARPS = 1
 RANKINGS = ("sort", "bisect", "compact", "sample")
 
@@ -343,9 +343,8 @@ def assign_levels_triton(scores: torch.Tensor, cfg: PSAConfig,
         bounds += [lo, hi]
     keep = max(1, math.ceil(MIN_FULL_SHARE * nkb)) if threshold else 0
     nkb_pow2 = triton.next_power_of_2(nkb)
-    # One program sorting thousands of keys is slow (at 720p: 4.3 ms for 2363 key blocks,
-    # 1.4 ms for 1182, against 1.0 and 0.46 ms with torch's segmented sort first): long rows
-    # are ranked by torch, the kernel does the rest.
+    # One program sorting thousands of keys is slower than torch's segmented sort followed by
+    # the kernel (benchmarks/NOTES.md): long rows are ranked by torch, the kernel does the rest.
     presorted = nkb_pow2 > (PRESORT_ABOVE if presort_above is None else presort_above)
     order = scores
     if presorted:
@@ -358,7 +357,7 @@ def assign_levels_triton(scores: torch.Tensor, cfg: PSAConfig,
 
 
 def _level_warps(nkb_pow2: int) -> int:
-    """Warps of the level kernel, from benchmarks/stage_probe.py on an H100."""
+    """Warps of the level kernel, the fastest of benchmarks/stage_probe.py."""
     return 16 if 512 < nkb_pow2 <= 2048 else 4
 
 

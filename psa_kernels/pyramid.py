@@ -28,8 +28,8 @@ from .triton_compat import tl, triton
 
 LEVEL_ORDER = (1, 2, 4, 8)
 LOG2E = 1.4426950408889634
-# Pyramid build: rows per program and warps, the fastest of benchmarks/stage_probe.py on an
-# H100 (one warp on 16 rows: 0.21 ms at the Wan 1.3B shape, against 0.75 ms with 4 warps on 32).
+# Pyramid build: rows per program and warps, the fastest of benchmarks/stage_probe.py (one warp
+# on 16 rows beat four warps on 32 by a wide margin; figures in benchmarks/NOTES.md).
 BUILD_CHUNK = 16
 BUILD_WARPS = 1
 
