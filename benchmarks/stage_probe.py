@@ -30,8 +30,8 @@ def main():
                 for tile in (64, 128):
                     for nw in (4, 8):
                         try:
-                            ms = bench(lambda: estimate.estimate_triton(q, k, m, n, perm, rows=rows, tile=tile,
-                                                                        num_warps=nw))
+                            launch = estimate.EstimateLaunch(rows=rows, tile=tile, num_warps=nw)
+                            ms = bench(lambda: estimate.estimate_triton(q, k, m, n, perm, launch=launch))
                         except Exception as e:  # out of resources for this variant
                             print(f"estimate rows{rows} tile{tile} w{nw}: {str(e)[:80]}")
                             continue
@@ -41,17 +41,17 @@ def main():
                     for nw in (1, 2, 4, 8):
                         if chunk > n:
                             continue
-                        ms = bench(lambda: pyramid.build_pyramid_triton(k, v, n, q.shape[2], sim, perm,
-                                                                        chunk=chunk, num_warps=nw))
+                        launch = pyramid.BuildLaunch(chunk=chunk, num_warps=nw)
+                        ms = bench(lambda: pyramid.build_pyramid_triton(k, v, n, q.shape[2], sim, perm, launch=launch))
                         print(f"{str(grid):11s} {m:3d} {n:3d}  pyramid   sim{int(sim)} ch{chunk} w{nw}    {ms:7.3f}", flush=True)
             scores = estimate.estimate_triton(q, k, m, n, perm)
             for mode in ("topk", "thresholdbound"):
                 cfg = PSAConfig.from_dict({"block_size": {"m": m, "n": n, "tile_n": 16}, "mask_mode": mode})
                 for nw in (4, 8, 16):
-                    ms = bench(lambda: levels.assign_levels_triton(scores, cfg, num_warps=nw, presort_above=1 << 30))
+                    ms = bench(lambda: levels.assign_levels_triton(scores, cfg, launch=levels.LevelsLaunch(num_warps=nw, presort_above=1 << 30)))
                     print(f"{str(grid):11s} {m:3d} {n:3d}  levels    {mode[:9]:9s} w{nw:<2d}      {ms:7.3f}", flush=True)
                 # rows ranked by torch's segmented sort first (levels.PRESORT_ABOVE decides by row length)
-                ms = bench(lambda: levels.assign_levels_triton(scores, cfg, presort_above=0))
+                ms = bench(lambda: levels.assign_levels_triton(scores, cfg, launch=levels.LevelsLaunch(presort_above=0)))
                 print(f"{str(grid):11s} {m:3d} {n:3d}  levels    {mode[:9]:9s} torch-sort {ms:7.3f}", flush=True)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 from .triton_compat import tl, triton
@@ -194,26 +195,45 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def scratch_bytes_per_head(B: int, L: int, m: int, n: int, rows: int = 128, tile: int = 128,
-                           splits: int = MAX_SPLITS) -> int:
+@dataclass(frozen=True)
+class EstimateLaunch:
+    """How :func:`estimate_triton` launches its kernels: sampled query rows a program
+    (``rows``) and sampled key rows a tile (``tile``), warps and pipeline stages of the main
+    kernel (None: 8 warps, the compiler's stages), and runs of key tiles a program row
+    (``splits``: 1, 2 or 4; None: :func:`key_splits`). The defaults are the fastest of
+    benchmarks/stage_probe.py (benchmarks/NOTES.md); benchmarks pass others in."""
+    rows: int = 128
+    tile: int = 128
+    num_warps: int | None = None
+    num_stages: int | None = None
+    splits: int | None = None
+
+    def __post_init__(self):
+        if self.splits is not None and self.splits not in (1, 2, 4):
+            raise ValueError(f"splits {self.splits}; allowed: 1, 2, 4")
+
+
+ESTIMATE_LAUNCH = EstimateLaunch()
+
+
+def scratch_bytes_per_head(B: int, L: int, m: int, n: int, launch: EstimateLaunch = ESTIMATE_LAUNCH) -> int:
     """Device memory :func:`estimate_triton` holds while it runs, per head (B batch entries;
-    at most, with the most runs of key tiles)."""
-    _, kblocks, _, ntiles, sampled = _launch_shape(L, m, n, rows, tile)
-    return B * sampled * (ntiles * kblocks + ntiles + 2 * splits + 1) * 4
+    at most: with the most runs of key tiles unless ``launch`` fixes them)."""
+    _, kblocks, _, ntiles, sampled = _launch_shape(L, m, n, launch.rows, launch.tile)
+    return B * sampled * (ntiles * kblocks + ntiles + 2 * (launch.splits or MAX_SPLITS) + 1) * 4
 
 
 def estimate_triton(q: torch.Tensor, k: torch.Tensor, m: int, n: int,
-                    perm: torch.Tensor | None = None, rows: int = 128, tile: int = 128,
-                    num_warps: int | None = None, heads_per_pass: int | None = None,
-                    num_stages: int | None = None, splits: int | None = None) -> torch.Tensor:
+                    perm: torch.Tensor | None = None, heads_per_pass: int | None = None,
+                    launch: EstimateLaunch = ESTIMATE_LAUNCH) -> torch.Tensor:
     """Same function as :func:`estimate_reference`, as Triton kernels. With ``perm`` the
     inputs are in the caller's order and are read as ``x[..., perm, :]`` without a copy.
-    The launch defaults are the fastest of the H100 probes (benchmarks/NOTES.md); ``splits``
-    (1, 2 or 4 runs of key tiles per program row) defaults to :func:`key_splits`.
 
     The one pass keeps, for every sampled query, its sums per key block until the query's
     softmax normaliser is known: :func:`scratch_bytes_per_head` per head, freed on return;
     ``heads_per_pass`` bounds how many heads hold it at one time."""
+    rows, tile, num_warps, num_stages, splits = (launch.rows, launch.tile, launch.num_warps, launch.num_stages,
+                                                 launch.splits)
     B, H, L, D = q.shape
     sq, sk = sample_counts(m, n)
     nqb, nkb = -(-L // m), -(-L // n)
@@ -226,8 +246,6 @@ def estimate_triton(q: torch.Tensor, k: torch.Tensor, m: int, n: int,
     group = min(H, heads_per_pass or H)
     if splits is None:
         splits = key_splits(programs * B * group, _multiprocessors(q.device), ntiles)
-    if splits not in (1, 2, 4):
-        raise ValueError(f"splits {splits}; allowed: 1, 2, 4")
     split_tiles = -(-ntiles // splits)
     part = torch.empty((B * group, sampled, ntiles * kblocks), device=q.device, dtype=torch.float32)
     max_at = torch.empty((B * group, sampled, ntiles), device=q.device, dtype=torch.float32)

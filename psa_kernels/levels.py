@@ -6,6 +6,7 @@ All functions are plain torch and run on the device of their inputs.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from .triton_compat import tl, triton
@@ -278,12 +279,23 @@ def _topk_table(nkb: int, cfg: PSAConfig, device) -> tuple[torch.Tensor, torch.T
     return hit
 
 
+@dataclass(frozen=True)
+class LevelsLaunch:
+    """How :func:`assign_levels_triton` launches: warps of the level kernel (None: by row
+    length, the fastest of benchmarks/stage_probe.py) and the row length above which rows are
+    ranked by torch's segmented sort first (None: :data:`PRESORT_ABOVE`). Benchmarks pass
+    others in."""
+    num_warps: int | None = None
+    presort_above: int | None = None
+
+
+LEVELS_LAUNCH = LevelsLaunch()
+
+
 def assign_levels_triton(scores: torch.Tensor, cfg: PSAConfig,
                          text_q_blocks: torch.Tensor | None = None,
                          text_k_blocks: torch.Tensor | None = None,
-                         num_warps: int | None = None, presort_above: int | None = None,
-                         rank: str | None = None, split_set: bool | None = None,
-                         set_warps: int | None = None) -> torch.Tensor:
+                         rank: str | None = None, launch: LevelsLaunch = LEVELS_LAUNCH) -> torch.Tensor:
     """Same levels as :func:`assign_levels`, one Triton program per row.
 
     ``rank``, how topk rows are ranked (:data:`RANKINGS`; thresholdbound rows are always
@@ -293,12 +305,13 @@ def assign_levels_triton(scores: torch.Tensor, cfg: PSAConfig,
     "compact" for rows where the pivot misses), "sort" sorts the row. By default "sample" for
     rows of at least :data:`SAMPLE_ROWS` blocks, else "bisect" for at most
     :data:`SELECT_CUTS` such ranks; then "compact" when the last keeps at most
-    :data:`COMPACT_SHARE` of the row, else "sort". ``split_set``: the packed set's cuts in a
-    second kernel (default: with "sample"). Cumulative sums are taken in another order than
+    :data:`COMPACT_SHARE` of the row, else "sort"; with "sample" the packed set's cuts run in a
+    second kernel. Cumulative sums are taken in another order than
     torch's, so a thresholdbound block whose preceding mass lies within rounding of a range
     boundary may land on the other side."""
     if rank is not None and rank not in RANKINGS:
         raise ValueError(f"rank {rank!r}; allowed: {', '.join(RANKINGS)}")
+    num_warps, presort_above = launch.num_warps, launch.presort_above
     nkb = scores.shape[-1]
     scores = scores.contiguous()
     out = torch.empty(scores.shape, dtype=torch.int8, device=scores.device)
@@ -321,7 +334,7 @@ def assign_levels_triton(scores: torch.Tensor, cfg: PSAConfig,
             rows = scores.numel() // nkb
             scratch = torch.empty(rows * cand if cand else 1, dtype=torch.int64, device=scores.device)
             sample = PIVOT_SAMPLE if cand and rank == "sample" else 0
-            split = bool(sample) if split_set is None else bool(split_set and cand)
+            split = bool(sample)
             nset = torch.empty(rows if split else 1, dtype=torch.int32, device=scores.device)
             _topk_levels_kernel[(rows,)](
                 scores, cuts, table, out, scratch, nset, nkb, NCUT=ncut, NKB=nkb_pow2, CAND=cand,
@@ -329,7 +342,7 @@ def assign_levels_triton(scores: torch.Tensor, cfg: PSAConfig,
                 num_warps=num_warps or (max(1, nkb_pow2 // 512) if sample else 1 if nkb_pow2 <= 2048 else 2))
             if split:
                 _topk_set_kernel[(rows,)](scratch, nset, cuts, table, out, nkb, NCUT=ncut, CAND=cand, SAMPLE=sample,
-                                          num_warps=set_warps or SET_WARPS)
+                                          num_warps=SET_WARPS)
             _text_full(out, text_q_blocks, text_k_blocks)
             return out
     bounds = []

@@ -28,10 +28,18 @@ from .triton_compat import tl, triton
 
 LEVEL_ORDER = (1, 2, 4, 8)
 LOG2E = 1.4426950408889634
-# Pyramid build: rows per program and warps, the fastest of benchmarks/stage_probe.py (one warp
-# on 16 rows beat four warps on 32 by a wide margin; figures in benchmarks/NOTES.md).
-BUILD_CHUNK = 16
-BUILD_WARPS = 1
+
+
+@dataclass(frozen=True)
+class BuildLaunch:
+    """How :func:`build_pyramid_triton` launches: rows a program (``chunk``, at most n) and
+    warps. The defaults are the fastest of benchmarks/stage_probe.py (one warp on 16 rows beat
+    four warps on 32 by a wide margin; benchmarks/NOTES.md); benchmarks pass others in."""
+    chunk: int = 16
+    num_warps: int = 1
+
+
+BUILD_LAUNCH = BuildLaunch()
 
 
 @dataclass
@@ -258,9 +266,9 @@ def _store_pooled(kf, vf, valid, kp, vp, Bias, write_bias, base, c, spl,
 
 def build_pyramid_triton(k: torch.Tensor, v: torch.Tensor | None, n: int, L: int,
                          with_similarity: bool = False, perm: torch.Tensor | None = None,
-                         chunk: int = BUILD_CHUNK, num_warps: int = BUILD_WARPS, tail: bool = False,
-                         heavy: HeavyKeys | None = None, level1: bool = True,
-                         pooled: bool = True) -> tuple[Pyramid | None, torch.Tensor | None]:
+                         tail: bool = False, heavy: HeavyKeys | None = None, level1: bool = True,
+                         pooled: bool = True, launch: BuildLaunch = BUILD_LAUNCH,
+                         ) -> tuple[Pyramid | None, torch.Tensor | None]:
     """Same pyramid as :func:`build_pyramid` in one pass over k and v; with ``with_similarity``
     also the key similarity of :func:`levels.key_similarity` ([B, H, nkb, 3]). With ``perm``,
     k and v are in the caller's order and are arranged on the way. With ``v`` None only the
@@ -286,7 +294,7 @@ def build_pyramid_triton(k: torch.Tensor, v: torch.Tensor | None, n: int, L: int
     if tail:
         base[0] = rows
         rows += nkb  # one row per key block
-    chunk = min(n, chunk)  # rows per program: small enough to keep the pooled tiles in registers
+    chunk, num_warps = min(n, launch.chunk), launch.num_warps  # rows per program: small enough to keep the pooled tiles in registers
     nchunks = rows1 // chunk
     with_pyramid = v is not None
     if with_pyramid:

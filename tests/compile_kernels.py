@@ -105,9 +105,9 @@ def variants(arch: int = 90):
                pyramid._pyramid_build_kernel,
                {"K": "bf16", "V": "bf16", "KP": "bf16", "VP": "bf16", "Bias": "fp32",
                 "SimSum": "fp32", "SimCnt": "fp32", "Perm": "i32"}, (),
-               dict(H=12, D=128, CH=pyramid.BUILD_CHUNK, WITH_SIM=with_sim, WITH_PYRAMID=with_pyramid,
+               dict(H=12, D=128, CH=pyramid.BUILD_LAUNCH.chunk, WITH_SIM=with_sim, WITH_PYRAMID=with_pyramid,
                     HAS_PERM=True, LEVEL1=level1, POOLED=pooled, LEVEL8=level8),
-               {"num_warps": pyramid.BUILD_WARPS})
+               {"num_warps": pyramid.BUILD_LAUNCH.num_warps})
     for heavy_keys in (False, True):
         yield (f"tail rows heavy={heavy_keys}", pyramid._tail_rows_kernel,
                {"KP": "bf16", "VP": "bf16", "Bias": "fp32", "HK": "bf16", "HV": "bf16", "HB": "i32",

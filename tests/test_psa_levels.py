@@ -8,8 +8,8 @@ import torch
 from psa_kernels import estimate, levels as levels_mod
 from psa_kernels.config import PSAConfig, SimThresholds
 from psa_kernels.layout import arrange
-from psa_kernels.levels import (apply_similarity_guard, assign_levels, assign_levels_triton, density,
-                                 key_similarity)
+from psa_kernels.levels import (LevelsLaunch, apply_similarity_guard, assign_levels, assign_levels_triton,
+                                 density, key_similarity)
 from psa_kernels.synthetic import structured_qkv
 
 LEVEL_CLASS = {1: 0, 2: 1, 4: 2, 8: 3, 0: 4}  # finest to coarsest, skipped last
@@ -416,7 +416,8 @@ def test_estimate_triton_matches_reference(grid, text_len, m, n, D, seed, device
     # the key tiles in 1, 2 or 4 runs per program row (runs without tiles included at these
     # lengths): the same scores up to the order of the rescaling
     for splits in (1, 2, 4):
-        torch.testing.assert_close(estimate.estimate_triton(q, k, m, n, splits=splits), ref, atol=atol, rtol=0)
+        got_s = estimate.estimate_triton(q, k, m, n, launch=estimate.EstimateLaunch(splits=splits))
+        torch.testing.assert_close(got_s, ref, atol=atol, rtol=0)
     B, H, L = q.shape[:3]
     if got.is_cuda:  # what the scratch takes, as scratch_bytes_per_head says
         torch.cuda.synchronize()
@@ -436,7 +437,7 @@ def test_key_splits_fill_small_launches_only():
     assert estimate.key_splits(10, 132, 20) == 2  # runs of at least 8 tiles
     assert estimate.key_splits(10, 132, 12) == 1
     with pytest.raises(ValueError, match="splits 3; allowed: 1, 2, 4"):
-        estimate.estimate_triton(*structured_qkv((2, 2, 4), heads=1, head_dim=16)[:2], 16, 16, splits=3)
+        estimate.EstimateLaunch(splits=3)
 
 
 # ----------------------------------------------------------------------------- long rows
@@ -459,7 +460,7 @@ def test_triton_levels_of_long_rows_match_torch(mode, ratios, nkb, presort_above
     text_k[-1] = True
     want = assign_levels(scores, cfg, text_k_blocks=text_k)
     got = assign_levels_triton(scores.to(device), cfg, text_k_blocks=text_k.to(device),
-                               presort_above=presort_above).cpu()
+                               launch=LevelsLaunch(presort_above=presort_above)).cpu()
     assert got.dtype == torch.int8
     assert torch.equal(got, want)
     if mode == "topk":  # a sampled pivot: hits on smooth rows, falls back on the row of ties
