@@ -56,16 +56,25 @@ def estimate_reference(q: torch.Tensor, k: torch.Tensor, m: int, n: int) -> torc
 
 
 @triton.jit
+def _sample_positions(blk0, i, L, nblocks, Perm, BLOCK: tl.constexpr, SAMPLES: tl.constexpr,
+                      HAS_PERM: tl.constexpr):
+    """Rows of samples i (SAMPLES a block, from block blk0 on) by :func:`_sample_rows`' rule,
+    where the caller has them, and which are real."""
+    stride: tl.constexpr = BLOCK // SAMPLES
+    blk = blk0 + i // SAMPLES
+    row = blk * BLOCK + (i % SAMPLES) * stride + stride // 2
+    valid = ((row < L) | (i % SAMPLES == 0)) & (blk < nblocks)
+    row = tl.minimum(row, L - 1)
+    if HAS_PERM:  # rows are positions in the arranged order; read them where the caller has them
+        row = tl.load(Perm + row)
+    return row, valid
+
+
+@triton.jit
 def _sampled_keys(kbase, Perm, t, kk, dd, L, nkb, skl,
                   N: tl.constexpr, SK: tl.constexpr, KBLOCKS: tl.constexpr, HAS_PERM: tl.constexpr):
     """Sampled keys of key blocks t*KBLOCKS ... as a [D, KBLOCKS*SK] tile, and which are real."""
-    k_stride: tl.constexpr = N // SK
-    kblk = t * KBLOCKS + kk // SK
-    krow = kblk * N + (kk % SK) * k_stride + k_stride // 2
-    kvalid = ((krow < L) | (kk % SK == 0)) & (kblk < nkb)
-    krow = tl.minimum(krow, L - 1)
-    if HAS_PERM:  # rows are positions in the arranged order; read them where the caller has them
-        krow = tl.load(Perm + krow)
+    krow, kvalid = _sample_positions(t * KBLOCKS, kk, L, nkb, Perm, N, SK, HAS_PERM)
     kt = tl.load(kbase + krow[None, :] * skl + dd[:, None], mask=kvalid[None, :], other=0.0)
     return kt, kvalid
 
@@ -90,15 +99,9 @@ def _estimate_kernel(Q, K, Part, MaxAt, MaxEnd, Norm, QWeight, Perm, L, nqb, nkb
     h = bh % H
     ROWS: tl.constexpr = QBLOCKS * SQ
     TILE: tl.constexpr = KBLOCKS * SK
-    q_stride: tl.constexpr = M // SQ
 
     i = tl.arange(0, ROWS)
-    qblk = pid * QBLOCKS + i // SQ
-    qrow = qblk * M + (i % SQ) * q_stride + q_stride // 2
-    qvalid = ((qrow < L) | (i % SQ == 0)) & (qblk < nqb)
-    qrow = tl.minimum(qrow, L - 1)
-    if HAS_PERM:  # rows are positions in the arranged order; read them where the caller has them
-        qrow = tl.load(Perm + qrow)
+    qrow, qvalid = _sample_positions(pid * QBLOCKS, i, L, nqb, Perm, M, SQ, HAS_PERM)
     dd = tl.arange(0, D)
     q = tl.load(Q + b * sqb + h * sqh + qrow[:, None] * sql + dd[None, :], mask=qvalid[:, None], other=0.0)
     kbase = K + b * skb + h * skh
