@@ -139,9 +139,12 @@ def main():
                 for nw in (4, 8):
                     for ns in (2, 3, 4):
                         key = f"tile{tn}_w{nw}_s{ns}"
+                        # the default's loop pipelining, no register cap (it is sized for the default's warps)
+                        launch = dataclasses.replace(attention.kernel_launch_config(m, tn, sc.packed, D),
+                                                     num_warps=nw, num_stages=ns, maxnreg=None)
                         try:
-                            ms = bench(lambda: attention.attention_triton(q, pyr, sc, m, out=o, num_warps=nw,
-                                                                        num_stages=ns, perm=perm))
+                            ms = bench(lambda: attention.attention_triton(q, pyr, sc, m, out=o, perm=perm,
+                                                                        launch=launch))
                             sweep[key] = (round(ms, 3), round(wf / ms / 1e9))
                         except Exception as e:  # resources exceeded for this config
                             sweep[key] = str(e)[:60]

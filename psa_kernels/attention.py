@@ -381,29 +381,21 @@ def kernel_launch_config(m: int, tile_n: int, packed: bool = True, head_dim: int
     return LaunchConfig(4, 2)
 
 
-def _register_cap(cfg: LaunchConfig, num_warps: int | None, maxnreg: int | None) -> int | None:
-    if maxnreg is not None:
-        return maxnreg or None
-    return cfg.maxnreg if num_warps in (None, cfg.num_warps) else None
-
-
 def attention_triton(q: torch.Tensor, pyr: Pyramid, sched: Schedule, m: int,
-                     out: torch.Tensor | None = None, num_warps: int | None = None,
-                     num_stages: int | None = None, perm: torch.Tensor | None = None,
-                     loop_stages: int | None = None, maxnreg: int | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, perm: torch.Tensor | None = None,
+                     launch: LaunchConfig | None = None) -> torch.Tensor:
     """The pyramid attention kernel over a schedule; same function as attention_reference.
 
     With ``perm``, q and the output are in the caller's order (arranged = x[..., perm, :]).
     A pyramid with a tail or heavy keys needs a schedule built from it (:func:`build_schedule`
     then holds, per row, which tail rows and heavy keys count).
-    The launch is :func:`kernel_launch_config`'s unless the other arguments override it
-    (``maxnreg`` 0: no register cap; the cap applies to the default warps only)."""
+    ``launch``: :func:`kernel_launch_config`'s unless given (benchmarks sweep others)."""
     B, H, L, D = q.shape
     nqb = sched.counts.shape[2]
     if out is None:
         out = torch.empty_like(q)
     major = torch.cuda.get_device_capability(q.device)[0] if q.is_cuda else 9
-    cfg = kernel_launch_config(m, sched.tile_n, sched.packed, D, major, pyr.source is not None)
+    cfg = launch or kernel_launch_config(m, sched.tile_n, sched.packed, D, major, pyr.source is not None)
     sm_scale_log2 = LOG2E / math.sqrt(D)
     tail, heavy = pyr.has_tail, pyr.has_heavy
     nkb = -(-L // pyr.n)
@@ -434,7 +426,6 @@ def attention_triton(q: torch.Tensor, pyr: Pyramid, sched: Schedule, m: int,
         hk.stride(0), hk.stride(1), hk.stride(2), k1.stride(0), k1.stride(1), k1.stride(2),
         H=H, D=D, BLOCK_M=m, N=pyr.n, TILE_N=sched.tile_n, PACKED=sched.packed, HAS_PERM=perm is not None,
         FOLD=sched.folded, TAIL=tail, HEAVY=heavy, SRC_L1=in_place,
-        LOOP_STAGES=cfg.loop_stages if loop_stages is None else loop_stages,
-        num_warps=num_warps or cfg.num_warps, num_stages=num_stages or cfg.num_stages,
-        **({"maxnreg": mr} if (mr := _register_cap(cfg, num_warps, maxnreg)) else {}))
+        LOOP_STAGES=cfg.loop_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
     return out
