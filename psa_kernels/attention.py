@@ -14,7 +14,7 @@ import torch
 
 from .pyramid import LEVEL_ORDER, LOG2E, Pyramid, pyramid_rows
 from .schedule import (_BLOCKS, _MASKED, _RECORD, _REGULAR, _SEG, _SUB, COUNT_FIELDS, TILE_WIDTH, Schedule,
-                       _schedule_shape, tile_width)
+                       _schedule_shape)
 from .triton_compat import tl, triton
 
 
@@ -90,7 +90,7 @@ def attention_bytes_per_head(B: int, L: int, D: int, element_size: int, m: int, 
                              tail: bool = False, level1: bool = True, pooled: bool = True) -> int:
     """Device memory the pyramid and the tile schedule of one head take (B batch entries)."""
     nkb, nqb = -(-L // n), -(-L // m)
-    _, _, _, max_segs, max_masked = _schedule_shape(nkb, n, packed, tile_width(n), LEVEL_ORDER if pooled else (1,))
+    _, _, _, max_segs, max_masked = _schedule_shape(nkb, n, packed, TILE_WIDTH, LEVEL_ORDER if pooled else (1,))
     rows = pyramid_rows(nkb, n, tail, level1, pooled)
     biases = nqb * (-(-nkb // TILE_WIDTH) * TILE_WIDTH if tail else 0) * 4  # the schedule's tail bias, at most
     return B * (2 * rows * D * element_size + nqb * (max_segs + 2 * max_masked + len(COUNT_FIELDS)) * 4 + biases)

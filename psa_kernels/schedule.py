@@ -59,15 +59,11 @@ _BLOCKS = tl.constexpr(COUNT_FIELDS.index("blocks1"))
 
 
 SCHEDULE_CHUNK = 64  # tiles of a level written per step of the schedule kernel
-TILE_WIDTH = 64  # pyramid rows per kernel tile (benchmarks/NOTES.md, change 18)
+# Pyramid rows per kernel tile (benchmarks/NOTES.md, change 18). A key block wider than the
+# tile spans several tiles (contiguous runs of rows); narrower ones are packed several to a tile.
+TILE_WIDTH = 64
 SUB_SHIFT = 4    # a tile's level code: level | (sub-tile of its key block << SUB_SHIFT)
 _SUB = tl.constexpr(SUB_SHIFT)
-
-
-def tile_width(n: int) -> int:
-    """Pyramid rows per kernel tile. A key block wider than the tile spans several tiles
-    (contiguous runs of rows); narrower ones are packed several to a tile."""
-    return TILE_WIDTH
 
 
 def level_split(n: int, p: int, tile_n: int, packed: bool) -> tuple[int, int]:
@@ -213,7 +209,7 @@ def build_schedule(levels: torch.Tensor, pyr: Pyramid, packed: bool, tile_n: int
     if nkb >= 1 << 16:
         raise ValueError(f"{nkb} key blocks in a row; allowed: fewer than {1 << 16} (a larger block_size.n)")
     n = pyr.n
-    tn = tile_n or tile_width(n)
+    tn = tile_n or TILE_WIDTH
     # sized for the levels the pyramid holds: a level-1 pyramid's schedule is a quarter of the size
     per_tile, split, always_masked, max_segs, max_masked = _schedule_shape(nkb, n, packed, tn, pyr.levels_held)
     dev = levels.device

@@ -146,7 +146,7 @@ def variants(arch: int = 90):
             (128, 128, True, 128, True, True, False, True), (128, 32, True, 128, True, True, False, True),
             (128, 64, True, 128, True, True, True, True), (128, 32, True, 128, True, False, True, True),
             (128, 64, True, 128, True, False, False, False), (128, 64, True, 128, True, True, True, False)):
-        tile_n = schedule.tile_width(n)
+        tile_n = schedule.TILE_WIDTH
         launch = kernel_launch_config(m, tile_n, packed, d, major=arch // 10, in_place=in_place)
         options = {"num_warps": launch.num_warps, "num_stages": launch.num_stages}
         if launch.maxnreg:
