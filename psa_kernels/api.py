@@ -187,7 +187,7 @@ def psa_plan(q: torch.Tensor, k: torch.Tensor, cfg: PSAConfig, grid, text_len: i
         # which the k pass needs, take their mean query from the q pass's block means.
         qmom = query_moments(q, m, perm) if with_spread else None
         if cfg.heavy_keys:
-            qbar = (mean_query_from_blocks(qmom[0], estimate.block_lengths_cached(L, m, q.device))
+            qbar = (mean_query_from_blocks(qmom[0], estimate.block_shares_cached(L, m, q.device))
                     if qmom is not None else None)
             heavy = select_heavy_keys(q, k, cfg.heavy_keys, n, inv, video_len, use_triton=True, qbar=qbar)
         mom = block_moments(q, k, m, n, perm, heavy, query=qmom) if with_spread else None

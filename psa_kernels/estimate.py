@@ -273,12 +273,13 @@ def estimate_triton(q: torch.Tensor, k: torch.Tensor, m: int, n: int,
 
 
 @triton.jit
-def _block_mean_kernel(X, Out, Out2, Perm, HIdx, HBlk, heavy_count, L, sxb, sxh, sxl, sob, soh, sol,
+def _block_mean_kernel(X, Out, Out2, Perm, HIdx, HBlk, heavy_count, L, scale2, sxb, sxh, sxl, sob, soh, sol,
                        H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, CH: tl.constexpr,
                        HAS_PERM: tl.constexpr, SECOND: tl.constexpr, HEAVY: tl.constexpr, HC: tl.constexpr):
     # One program: the mean of one block of BLOCK arranged rows of one (batch, head), in
     # float32, summed CH rows at a time; padding rows count for nothing. SECOND 1: also the
-    # mean of the squares, into Out2 (same strides); 2: also the variance (clamped at 0), into Out2.
+    # mean of the squares times scale2, into Out2 (same strides); 2: also the variance (clamped
+    # at 0), into Out2.
     # HEAVY (with SECOND 2): the variance leaves out the block's heavy keys (HIdx [B*H, count]
     # rows of X in its own order, HBlk their blocks), found by scanning the head's list; the
     # mean in Out still covers every row. A block of heavy keys only gets variance 0.
@@ -306,7 +307,7 @@ def _block_mean_kernel(X, Out, Out2, Perm, HIdx, HBlk, heavy_count, L, sxb, sxh,
     mean = s1 / cnt
     tl.store(Out + b * sob + h * soh + blk * sol + dd, mean)
     if SECOND == 1:
-        tl.store(Out2 + b * sob + h * soh + blk * sol + dd, s2 / cnt)
+        tl.store(Out2 + b * sob + h * soh + blk * sol + dd, s2 / cnt * scale2)
     if SECOND == 2:
         if HEAVY:
             hr = tl.arange(0, HC)
@@ -343,6 +344,12 @@ def block_lengths_cached(L: int, block: int, device: torch.device) -> torch.Tens
 
 
 @functools.lru_cache(maxsize=64)
+def block_shares_cached(L: int, block: int, device: torch.device) -> torch.Tensor:
+    """Each block's share of the L tokens, made once per (L, block, device)."""
+    return block_lengths(L, block, device) / L
+
+
+@functools.lru_cache(maxsize=64)
 def block_log_lengths(L: int, block: int, device: torch.device) -> torch.Tensor:
     """ln :func:`block_lengths`, made once per (L, block, device): writing the partial block's
     length into a device tensor is a copy from the host that waits for the device."""
@@ -364,10 +371,11 @@ SECONDS = {"": 0, "squares": 1, "variance": 2}
 
 
 def block_means_triton(x: torch.Tensor, block: int, perm: torch.Tensor | None = None,
-                       second: str = "", heavy=None):
+                       second: str = "", heavy=None, squares_scale: float = 1.0):
     """:func:`block_means_reference` in one Triton pass; with ``perm`` x is in the caller's order
-    and is read as ``x[..., perm, :]`` without a copy. ``second`` "squares" / "variance": the means and, from the
-    same pass, the means of the squares / the variances (a pair). ``heavy`` (a
+    and is read as ``x[..., perm, :]`` without a copy. ``second`` "squares" / "variance": the
+    means and, from the same pass, the means of the squares (times ``squares_scale``) / the
+    variances (a pair). ``heavy`` (a
     :class:`~.heavy.HeavyKeys`, with "variance" only): the variances leave the heavy keys out;
     the means still cover every row."""
     B, H, L, D = x.shape
@@ -384,7 +392,7 @@ def block_means_triton(x: torch.Tensor, block: int, perm: torch.Tensor | None = 
         h_index = h_block = out
         h_count = 0
     _block_mean_kernel[(nb, B * H)](
-        x, out, out2, perm if perm is not None else out, h_index, h_block, h_count, L,
+        x, out, out2, perm if perm is not None else out, h_index, h_block, h_count, L, float(squares_scale),
         x.stride(0), x.stride(1), x.stride(2),
         out.stride(0), out.stride(1), out.stride(2), H=H, D=D, BLOCK=block, CH=min(block, 32),
         HAS_PERM=perm is not None, SECOND=SECONDS[second], HEAVY=heavy is not None, HC=32,
@@ -395,8 +403,12 @@ def block_means_triton(x: torch.Tensor, block: int, perm: torch.Tensor | None = 
 def scores_from_means(qm: torch.Tensor, km: torch.Tensor, L: int, n: int) -> torch.Tensor:
     """Block scores [B, H, nqb, nkb] from the block means of q (blocks of m) and k (blocks of n):
     the softmax over key blocks of mean(q_i) . mean(k_j) / sqrt(D) + ln(real keys of j)."""
-    s = torch.matmul(qm, km.transpose(-1, -2)).mul_(1.0 / math.sqrt(qm.shape[-1]))
-    return s.add_(block_log_lengths(L, n, qm.device)).softmax(-1)
+    B, H, nqb, D = qm.shape
+    nkb = km.shape[2]
+    # one product with the scale and the length bias in its epilogue, then the softmax
+    s = torch.baddbmm(block_log_lengths(L, n, qm.device), qm.reshape(B * H, nqb, D),
+                      km.reshape(B * H, nkb, D).transpose(1, 2), alpha=1.0 / math.sqrt(D))
+    return s.view(B, H, nqb, nkb).softmax(-1)
 
 
 def estimate_block_mean(q: torch.Tensor, k: torch.Tensor, m: int, n: int,

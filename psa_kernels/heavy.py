@@ -45,10 +45,10 @@ def _mean_query_logit_kernel(K, Qbar, Out, L, skb, skh, skl, H: tl.constexpr, D:
     tl.store(Out + bh * L + r, tl.sum(k.to(tl.float32) * qbar[None, :], 1), mask=valid)
 
 
-def mean_query_from_blocks(q_mean: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def mean_query_from_blocks(q_mean: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
     """[B, H, D] float32: the mean query of each head from its block means ``q_mean``
-    [B, H, nqb, D] and the blocks' real lengths ``lengths`` [nqb] (a weighted mean, one product)."""
-    return torch.matmul(lengths / lengths.sum(), q_mean)
+    [B, H, nqb, D] and each block's share of the tokens ``shares`` [nqb] (one product)."""
+    return torch.matmul(shares, q_mean)
 
 
 def mean_query_logits(q: torch.Tensor, k: torch.Tensor, use_triton: bool = False,

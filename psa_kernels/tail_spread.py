@@ -62,8 +62,7 @@ class BlockMoments:
 def query_moments(q: torch.Tensor, m: int, perm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The q half of :class:`BlockMoments` (``q_mean``, ``q_sq``), one pass over q in the
     caller's order (read through ``perm``)."""
-    q_mean, q_sq = block_means_triton(q, m, perm, second="squares")
-    return q_mean, q_sq.mul_(0.5 / q.shape[-1])
+    return block_means_triton(q, m, perm, second="squares", squares_scale=0.5 / q.shape[-1])
 
 
 def block_moments(q: torch.Tensor, k: torch.Tensor, m: int, n: int, perm: torch.Tensor | None = None,

@@ -79,7 +79,7 @@ def variants(arch: int = 90):
                                  (64, 2, False), (64, 2, True), (128, 2, True)):
         yield (f"block means {block} second={second} heavy={heavy}", estimate._block_mean_kernel,
                {"X": "bf16", "Out": "fp32", "Out2": "fp32", "Perm": "i32", "HIdx": "i64" if heavy else "fp32",
-                "HBlk": "i32" if heavy else "fp32"}, (),
+                "HBlk": "i32" if heavy else "fp32"}, ("scale2",),
                dict(H=12, D=128, BLOCK=block, CH=32, HAS_PERM=True, SECOND=second, HEAVY=heavy, HC=32),
                {"num_warps": 4})
     bounds = ("r1lo", "r1hi", "r2lo", "r2hi", "r4lo", "r4hi", "r8lo", "r8hi")

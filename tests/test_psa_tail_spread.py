@@ -96,6 +96,8 @@ def test_block_means_of_squares(block, L, device):
     mean, mean_sq = block_means_triton(x, block, perm.to(torch.int32), second="squares")
     _close(mean, block_means_reference(arrange(x, perm), block), atol=1e-5, rtol=1e-5)
     _close(mean_sq, want, atol=1e-5, rtol=1e-5)
+    _close(block_means_triton(x, block, perm, second="squares", squares_scale=0.25)[1], 0.25 * want,
+           atol=1e-6, rtol=1e-5)
     mean_v, var = block_means_triton(x, block, perm, second="variance")
     _close(mean_v, mean, atol=1e-6, rtol=1e-5)
     _close(var, (mean_sq - mean * mean).clamp_min(0.0), atol=1e-5, rtol=1e-4)
