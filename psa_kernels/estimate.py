@@ -405,7 +405,7 @@ def scores_from_means(qm: torch.Tensor, km: torch.Tensor, L: int, n: int) -> tor
     the softmax over key blocks of mean(q_i) . mean(k_j) / sqrt(D) + ln(real keys of j)."""
     B, H, nqb, D = qm.shape
     nkb = km.shape[2]
-    # one product with the scale and the length bias in its epilogue, then the softmax
+    # the scale and the length bias in the product's call (one op instead of three), then the softmax
     s = torch.baddbmm(block_log_lengths(L, n, qm.device), qm.reshape(B * H, nqb, D),
                       km.reshape(B * H, nkb, D).transpose(1, 2), alpha=1.0 / math.sqrt(D))
     return s.view(B, H, nqb, nkb).softmax(-1)
