@@ -683,15 +683,22 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+RATIO_TARGET = 1.3  # ours / Sol's speed-up at no higher error (issue 11)
+
+
 def print_summary(result: dict, log) -> None:
-    log("\n==== summary: ours / Sol speed at no higher error (target >= 1.3); at Sol's default our error "
-        "at equal speed / Sol's (target <= 0.75)")
+    log(f"\n==== summary: ours / Sol speed at no higher error (target >= {RATIO_TARGET}); at Sol's default our "
+        "error at equal speed / Sol's (target <= 0.75)")
+    met = total = 0
     for case in result["cases"]:
         ratios = [c["ratio"] for c in case["vs_sol"]]
+        hits = sum(r >= RATIO_TARGET for r in ratios)
+        met, total = met + hits, total + len(ratios)
         d = case.get("at_sol_default") or {}
         e5 = case.get("psa_error_at_5x")
         worst = min(case["vs_sol"], key=lambda c: c["ratio"], default=None)
         log(f"{case['shape']:5s} {case['regime']:13s} share {case['inputs']['top10_share']:.3f}  "
+            f"at >= {RATIO_TARGET}: {hits}/{len(ratios)}  "
             f"ratio min {min(ratios, default=float('nan')):.2f} max {max(ratios, default=float('nan')):.2f}"
             + (f" (worst: Sol {worst['sol']} {worst['sol_speedup']:.2f}x at {worst['sol_error']:.4f})" if worst else "")
             + (f"  error ratio at Sol's default {d['ratio']:.2f}" if d.get("ratio") is not None
@@ -700,7 +707,8 @@ def print_summary(result: dict, log) -> None:
         for c in case["vs_sol"]:
             psa = f"{c['psa']} {c['psa_speedup']:.2f}x at {c['psa_error']:.4f}" if c["psa"] else "none"
             log(f"      Sol {c['sol']:22s} {c['sol_speedup']:6.2f}x at {c['sol_error']:.4f}  ->  {psa}  "
-                f"ratio {c['ratio']:.2f}{'' if c['ratio'] >= 1.3 else '  (< 1.3)'}")
+                f"ratio {c['ratio']:.2f}{'' if c['ratio'] >= RATIO_TARGET else f'  (< {RATIO_TARGET})'}")
+    log(f"Sol settings at >= {RATIO_TARGET}x in this run: {met} of {total}")
 
 
 def plot(result: dict, out_dir: Path) -> list[Path]:

@@ -239,6 +239,13 @@ def test_summary_targets():
     assert [r["front_psa"] for r in rows if r["method"] == "PSA"] == [True, True, True, False]
     # Sol's tau 3 (6.0x at 0.30) stays on the joint front: only a slower or less accurate PSA beats it
     assert [r["front_joint"] for r in rows] == [False, True, True, True, True, False]
+    # the printed summary counts the settings at the target, per case and in all
+    case.update(shape="480p", regime="mixed", inputs={"top10_share": 0.6})
+    lines = []
+    bp.print_summary({"cases": [case, case]}, lines.append)
+    assert sum("at >= 1.3: 1/2" in line for line in lines) == 2
+    assert lines[-1] == "Sol settings at >= 1.3x in this run: 2 of 4"
+    assert sum("(< 1.3)" in line for line in lines) == 2
 
 
 # ---------------------------------------------------------------------- settings
