@@ -42,13 +42,15 @@ def main():
                         if chunk > n:
                             continue
                         launch = pyramid.BuildLaunch(chunk=chunk, num_warps=nw)
-                        ms = bench(lambda: pyramid.build_pyramid_triton(k, v, n, q.shape[2], sim, perm, launch=launch))
+                        ms = bench(lambda: pyramid.build_pyramid_triton(k, v, n, q.shape[2], sim, perm,
+                                                                        launch=launch))
                         print(f"{str(grid):11s} {m:3d} {n:3d}  pyramid   sim{int(sim)} ch{chunk} w{nw}    {ms:7.3f}", flush=True)
             scores = estimate.estimate_triton(q, k, m, n, perm)
             for mode in ("topk", "thresholdbound"):
                 cfg = PSAConfig.from_dict({"block_size": {"m": m, "n": n, "tile_n": 16}, "mask_mode": mode})
                 for nw in (4, 8, 16):
-                    ms = bench(lambda: levels.assign_levels_triton(scores, cfg, launch=levels.LevelsLaunch(num_warps=nw, presort_above=1 << 30)))
+                    launch = levels.LevelsLaunch(num_warps=nw, presort_above=1 << 30)
+                    ms = bench(lambda: levels.assign_levels_triton(scores, cfg, launch=launch))
                     print(f"{str(grid):11s} {m:3d} {n:3d}  levels    {mode[:9]:9s} w{nw:<2d}      {ms:7.3f}", flush=True)
                 # rows ranked by torch's segmented sort first (levels.PRESORT_ABOVE decides by row length)
                 ms = bench(lambda: levels.assign_levels_triton(scores, cfg, launch=levels.LevelsLaunch(presort_above=0)))

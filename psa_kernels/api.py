@@ -191,7 +191,6 @@ def psa_plan(q: torch.Tensor, k: torch.Tensor, cfg: PSAConfig, grid, text_len: i
                     if qmom is not None else None)
             heavy = select_heavy_keys(q, k, cfg.heavy_keys, n, inv, video_len, use_triton=True, qbar=qbar)
         mom = block_moments(q, k, m, n, perm, heavy, query=qmom) if with_spread else None
-        del qmom
         if cfg.estimate_method == "block_mean":
             scores = (estimate.scores_from_means(mom.q_mean, mom.k_mean, L, n) if mom is not None
                       else estimate.estimate_block_mean(q, k, m, n, perm))

@@ -294,7 +294,8 @@ def build_pyramid_triton(k: torch.Tensor, v: torch.Tensor | None, n: int, L: int
     if tail:
         base[0] = rows
         rows += nkb  # one row per key block
-    chunk, num_warps = min(n, launch.chunk), launch.num_warps  # rows per program: small enough to keep the pooled tiles in registers
+    # rows per program: small enough to keep the pooled tiles in registers
+    chunk, num_warps = min(n, launch.chunk), launch.num_warps
     nchunks = rows1 // chunk
     with_pyramid = v is not None
     if with_pyramid:
