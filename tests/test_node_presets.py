@@ -73,25 +73,30 @@ def test_tail_presets_correct_the_tail_for_key_spread_and_the_seed_presets_do_no
                 assert cfg.tail_correction == "none", name
             if name in ("psa_balanced", "psa_topk"):
                 assert not cfg.use_pooled_tail, name
-    # psa_quality, psa_fast, psa_precise, psa_fidelity in each Wan section, psa_turbo in five
-    assert tails == 32 + 5
+    # psa_quality, psa_fast, psa_turbo, psa_precise, psa_fidelity in each of the eight Wan sections
+    assert tails == 40
 
 
 FOURTEEN_B = ("Wan2.1_14b", "Wan2.2_A14B", "Wan2.1_14b_I2V", "Wan2.2_A14B_I2V", "Wan2.1_VACE")
+SMALL = ("Wan2.1_1.3b", "Wan2.2_5B", "Wan2.1_Fun")
 
 
-def test_14b_sections_ship_psa_turbo_as_psa_fast_on_blocks_of_128(tmp_path):
-    # configs/README.md: psa_turbo is the 14B sections' psa_fast with key blocks of 128 and level 1
-    # on 1% of them, which it reads in place (benchmarks/NOTES.md changes 43 and 44)
+def test_wan_sections_ship_psa_turbo_as_a_psa_fast_on_blocks_of_128(tmp_path):
+    # configs/README.md: psa_turbo is psa_fast on key blocks of 128 with level 1 on 1% of them (14B
+    # sections) or 2% (the 480p-sized 1.3B, 5B and Fun sections), read in place, routed from block
+    # means (benchmarks/NOTES.md changes 43, 44 and 49)
     from psa_kernels import api
     lib = store(tmp_path)[0].library()
     have = sorted(name for name, s in lib.sections.items() if "psa_turbo" in s.attention_configs)
-    assert have == sorted(FOURTEEN_B)
-    for name in FOURTEEN_B:
+    assert have == sorted(FOURTEEN_B + SMALL)
+    for name in FOURTEEN_B + SMALL:
         fast = lib.resolve(name, "psa_fast").config
         turbo = lib.resolve(name, "psa_turbo").config
-        assert turbo.block_size.n == 128 and turbo.level1_block_share == pytest.approx(0.01)
+        share = 0.01 if name in FOURTEEN_B else 0.02
+        assert turbo.block_size.n == 128 and turbo.level1_block_share == pytest.approx(share)
+        assert turbo.estimate_method == "block_mean" and turbo.heavy_keys == 128
         assert turbo.replace(block_size=fast.block_size, mask_ratios=fast.mask_ratios,
+                             estimate_method=fast.estimate_method,
                              description=fast.description) == fast.replace(description=fast.description)
         assert api.reads_level1_in_place(turbo) and not api.reads_level1_in_place(fast)
         assert lib.sections[name].default_attention != "psa_turbo"
